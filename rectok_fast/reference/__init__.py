@@ -1,0 +1,26 @@
+"""Pure-PyTorch twins of every fused op: the semantics, the test oracle, the eager baseline.
+
+Each function computes exactly what SPEC.md states, in the obvious way; ``upcast=True`` computes in
+fp32 (or keeps fp64) and casts the result back, which is what the tests compare kernels against.
+"""
+
+from .cosine_align import cosine_align_loss
+from .flow_matching import flow_matching_loss, flow_matching_xt
+from .kl import gaussian_kl, kl_align_loss
+from .patchify import patchify, unpatchify
+from .posterior_flow import posterior_flow, sample_time
+from .tokens import gather_tokens, restore_tokens
+
+__all__ = [
+    "cosine_align_loss",
+    "flow_matching_loss",
+    "flow_matching_xt",
+    "gather_tokens",
+    "gaussian_kl",
+    "kl_align_loss",
+    "patchify",
+    "posterior_flow",
+    "restore_tokens",
+    "sample_time",
+    "unpatchify",
+]

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import torch
+
+
+def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D) or (N, D) / (1, N, D) broadcast over the batch of ids (B, K) -> (B, K, D)."""
+    B = ids.shape[0]
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.shape[0] == 1 and B != 1:
+        x = x.expand(B, -1, -1)
+    return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])``.
+
+    x: (B, N, D) (or (N, D) / (1, N, D) for a table shared by the batch, e.g. RoPE rows);
+    ids_keep: (B, K) int; pos: optional (N, D) or (1, N, D) added before gathering.  Returns (B, K, D).
+    """
+    out = _take(x, ids_keep)
+    if pos is not None:
+        out = out + _take(pos, ids_keep)
+    return out
+
+
+def restore_tokens(
+    visible: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decoder's mask-token insertion (MAE): append N-K copies of ``mask_token`` to the K
+    visible tokens and reorder so that token i takes element ``ids_restore[b, i]``; then ``+ pos``.
+
+    visible: (B, K, D); ids_restore: (B, N) int (a permutation of 0..N-1);
+    mask_token: (D,) or (1, 1, D); pos: optional (N, D) or (1, N, D).  Returns (B, N, D).
+    """
+    B, K, D = visible.shape
+    N = ids_restore.shape[1]
+    mt = mask_token.reshape(1, 1, D).to(visible.dtype).expand(B, N - K, D)
+    full = torch.cat([visible, mt], dim=1)
+    out = torch.gather(full, 1, ids_restore.long().unsqueeze(-1).expand(-1, -1, D))
+    if pos is not None:
+        out = out + pos.reshape(1, N, D)
+    return out
