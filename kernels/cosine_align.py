@@ -1,0 +1,112 @@
+"""Triton kernels for the cosine alignment loss ``relu(1 - cos(pred, target) - margin)``.
+
+Rows are tokens (M = prod of leading dims), columns the feature dim D.  Each program owns a tile of
+``BLOCK_M`` rows and loops over D in ``BLOCK_D`` chunks, accumulating in fp32.  The forward writes
+3 fp32 stats per row (dot, ||pred||, ||target||) and the weighted per-row loss; the backward reads
+pred and target once more and recomputes the gradient of cos from the stats.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cosine_align_fwd_kernel(
+    P,  # pred: (M, D), any float dtype, strides (stride_pm, stride_pd)
+    T,  # target: (M, D), any float dtype, strides (stride_tm, stride_td)
+    W,  # weight: (M,) fp32 contiguous (read only when HAS_WEIGHT)
+    STATS,  # out stats: (M, 3) fp32 contiguous: dot, ||pred||, ||target||
+    ROWLOSS,  # out per-row weighted loss: (M,) fp32 contiguous
+    M,
+    D,
+    stride_pm,
+    stride_pd,
+    stride_tm,
+    stride_td,
+    margin,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    tt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
+        p = tl.load(P + rows[:, None] * stride_pm + c[None, :] * stride_pd, mask=msk, other=0.0).to(tl.float32)
+        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        dot += tl.sum(p * t, axis=1)
+        pp += tl.sum(p * p, axis=1)
+        tt += tl.sum(t * t, axis=1)
+    pn = tl.sqrt(pp)
+    tn = tl.sqrt(tt)
+    cos = dot / (tl.maximum(pn, eps) * tl.maximum(tn, eps))
+    loss = tl.maximum(1.0 - cos - margin, 0.0)
+    if HAS_WEIGHT:
+        loss = loss * tl.load(W + rows, mask=row_ok, other=0.0)
+    tl.store(ROWLOSS + rows, loss, mask=row_ok)
+    tl.store(STATS + rows * 3, dot, mask=row_ok)
+    tl.store(STATS + rows * 3 + 1, pn, mask=row_ok)
+    tl.store(STATS + rows * 3 + 2, tn, mask=row_ok)
+
+
+@triton.jit
+def cosine_align_bwd_kernel(
+    P,  # pred: (M, D), strides (stride_pm, stride_pd)
+    T,  # target: (M, D), strides (stride_tm, stride_td)
+    W,  # weight: (M,) fp32 contiguous (read only when HAS_WEIGHT)
+    STATS,  # stats from the forward: (M, 3) fp32 contiguous
+    SCALE,  # 0-dim fp32: grad_loss / count
+    DP,  # out dpred: (M, D) contiguous, pred's dtype
+    DT,  # out dtarget: (M, D) contiguous, target's dtype (written only when GRAD_TARGET)
+    M,
+    D,
+    stride_pm,
+    stride_pd,
+    stride_tm,
+    stride_td,
+    margin,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    GRAD_TARGET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    dot = tl.load(STATS + rows * 3, mask=row_ok, other=0.0)
+    pn = tl.load(STATS + rows * 3 + 1, mask=row_ok, other=1.0)
+    tn = tl.load(STATS + rows * 3 + 2, mask=row_ok, other=1.0)
+    pnc = tl.maximum(pn, eps)
+    tnc = tl.maximum(tn, eps)
+    cos = dot / (pnc * tnc)
+    # d loss / d cos = -scale * w  where relu is active (strictly positive, as torch's relu backward)
+    g = tl.load(SCALE).to(tl.float32)
+    active = (1.0 - cos - margin) > 0.0
+    coef = tl.where(active & row_ok, -g, 0.0)
+    if HAS_WEIGHT:
+        coef = coef * tl.load(W + rows, mask=row_ok, other=0.0)
+    inv = 1.0 / (pnc * tnc)
+    # norms clamped at eps have zero gradient (clamp_min backward passes where norm >= eps)
+    cp = tl.where(pn >= eps, cos / (pnc * pnc), 0.0)
+    ct = tl.where(tn >= eps, cos / (tnc * tnc), 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
+        p = tl.load(P + rows[:, None] * stride_pm + c[None, :] * stride_pd, mask=msk, other=0.0).to(tl.float32)
+        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        dp = coef[:, None] * (t * inv[:, None] - p * cp[:, None])
+        tl.store(DP + rows[:, None] * D + c[None, :], dp.to(DP.dtype.element_ty), mask=msk)
+        if GRAD_TARGET:
+            dt = coef[:, None] * (p * inv[:, None] - t * ct[:, None])
+            tl.store(DT + rows[:, None] * D + c[None, :], dt.to(DT.dtype.element_ty), mask=msk)

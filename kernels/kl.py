@@ -1,0 +1,202 @@
+"""Triton kernels for the Gaussian KL to N(0, I) and the softmax KL feature-alignment loss.
+
+``gaussian_kl``: each sample's flattened row of L elements is split into ``n_split`` spans; the
+program (b, s) reduces span s of row b into one fp32 partial (summed by the launcher, so the
+result is deterministic).  The backward is elementwise over the same spans.
+
+``kl_align``: rows are tokens, the softmax runs over the feature dim D.  One program per tile of
+``BLOCK_M`` rows streams D in ``BLOCK_D`` chunks once, keeping an online softmax (running max and
+sum) for the student and the teacher plus ``A = sum exp(t' - m_t) (t' - s')``, so that
+``KL(p_t || p_s) = A / l_t - lse_t + lse_s``.  The forward stores (lse_s, lse_t, KL) per row; the
+backward recomputes both softmaxes from them in one pass.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- gaussian KL
+
+
+@triton.jit
+def gaussian_kl_fwd_kernel(
+    MEAN,  # mean: (B, L), any float dtype, strides (stride_mb, stride_ml)
+    LOGVAR,  # logvar: (B, L), any float dtype, strides (stride_vb, stride_vl)
+    PARTIAL,  # out: (B, n_split) fp32 contiguous
+    L,
+    span,  # elements per split (multiple of BLOCK)
+    n_split,
+    stride_mb,
+    stride_ml,
+    stride_vb,
+    stride_vl,
+    lo,
+    hi,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    start = s * span
+    for k0 in range(0, span, BLOCK):
+        i = start + k0 + offs
+        ok = i < L
+        m = tl.load(MEAN + b * stride_mb + i * stride_ml, mask=ok, other=0.0).to(tl.float32)
+        lv = tl.load(LOGVAR + b * stride_vb + i * stride_vl, mask=ok, other=0.0).to(tl.float32)
+        if CLAMP:
+            lv = tl.minimum(tl.maximum(lv, lo), hi)
+        term = m * m + tl.exp(lv) - 1.0 - lv
+        acc += tl.where(ok, term, 0.0)
+    tl.store(PARTIAL + b * n_split + s, 0.5 * tl.sum(acc, axis=0))
+
+
+@triton.jit
+def gaussian_kl_bwd_kernel(
+    GRAD,  # grad of the (B,) output: (B,) fp32 contiguous
+    MEAN,  # mean: (B, L), strides (stride_mb, stride_ml)
+    LOGVAR,  # logvar: (B, L), strides (stride_vb, stride_vl)
+    DMEAN,  # out: (B, L) contiguous, mean's dtype
+    DLOGVAR,  # out: (B, L) contiguous, logvar's dtype
+    L,
+    span,
+    stride_mb,
+    stride_ml,
+    stride_vb,
+    stride_vl,
+    lo,
+    hi,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,)
+    g = tl.load(GRAD + b).to(tl.float32)
+    start = s * span
+    for k0 in range(0, span, BLOCK):
+        i = start + k0 + offs
+        ok = i < L
+        m = tl.load(MEAN + b * stride_mb + i * stride_ml, mask=ok, other=0.0).to(tl.float32)
+        lv = tl.load(LOGVAR + b * stride_vb + i * stride_vl, mask=ok, other=0.0).to(tl.float32)
+        if CLAMP:
+            # clamp's backward passes the gradient where lo <= logvar <= hi (as torch.clamp)
+            dlv = 0.5 * g * (tl.exp(tl.minimum(tl.maximum(lv, lo), hi)) - 1.0)
+            dlv = tl.where((lv >= lo) & (lv <= hi), dlv, 0.0)
+        else:
+            dlv = 0.5 * g * (tl.exp(lv) - 1.0)
+        tl.store(DMEAN + b * L + i, (g * m).to(DMEAN.dtype.element_ty), mask=ok)
+        tl.store(DLOGVAR + b * L + i, dlv.to(DLOGVAR.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- softmax KL alignment
+
+
+@triton.jit
+def kl_align_fwd_kernel(
+    S,  # student: (M, D), any float dtype, strides (stride_sm, stride_sd)
+    T,  # teacher: (M, D), any float dtype, strides (stride_tm, stride_td)
+    W,  # weight: (M,) fp32 contiguous (read only when HAS_WEIGHT)
+    STATS,  # out: (M, 3) fp32 contiguous: lse(s/T), lse(t/T), KL(p_t || p_s)
+    ROWLOSS,  # out: (M,) fp32 contiguous, T^2 * KL * weight
+    M,
+    D,
+    stride_sm,
+    stride_sd,
+    stride_tm,
+    stride_td,
+    inv_temp,
+    temp_sq,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    m_s = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    m_t = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    l_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        col_ok = (c < D)[None, :]  # (1, BLOCK_D)
+        msk = row_ok[:, None] & col_ok  # (BLOCK_M, BLOCK_D)
+        s = tl.load(S + rows[:, None] * stride_sm + c[None, :] * stride_sd, mask=msk, other=0.0).to(tl.float32)
+        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        s = s * inv_temp
+        t = t * inv_temp
+        # padded columns are -inf for the max and contribute 0 to the sums; every chunk has >= 1 valid column
+        s_m = tl.where(col_ok, s, float("-inf"))
+        t_m = tl.where(col_ok, t, float("-inf"))
+        ms_new = tl.maximum(m_s, tl.max(s_m, axis=1))
+        mt_new = tl.maximum(m_t, tl.max(t_m, axis=1))
+        l_s = l_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(s_m - ms_new[:, None]), axis=1)
+        e_t = tl.exp(t_m - mt_new[:, None])
+        alpha_t = tl.exp(m_t - mt_new)
+        l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
+        acc = acc * alpha_t + tl.sum(tl.where(col_ok, e_t * (t - s), 0.0), axis=1)
+        m_s = ms_new
+        m_t = mt_new
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    kl = acc / l_t - lse_t + lse_s
+    loss = kl * temp_sq
+    if HAS_WEIGHT:
+        loss = loss * tl.load(W + rows, mask=row_ok, other=0.0)
+    tl.store(ROWLOSS + rows, loss, mask=row_ok)
+    tl.store(STATS + rows * 3, lse_s, mask=row_ok)
+    tl.store(STATS + rows * 3 + 1, lse_t, mask=row_ok)
+    tl.store(STATS + rows * 3 + 2, kl, mask=row_ok)
+
+
+@triton.jit
+def kl_align_bwd_kernel(
+    S,  # student: (M, D), strides (stride_sm, stride_sd)
+    T,  # teacher: (M, D), strides (stride_tm, stride_td)
+    W,  # weight: (M,) fp32 contiguous (read only when HAS_WEIGHT)
+    STATS,  # from the forward: (M, 3) fp32 contiguous
+    SCALE,  # 0-dim fp32: grad_loss / count
+    DS,  # out dstudent: (M, D) contiguous, student's dtype
+    DT,  # out dteacher: (M, D) contiguous, teacher's dtype (written only when GRAD_TARGET)
+    M,
+    D,
+    stride_sm,
+    stride_sd,
+    stride_tm,
+    stride_td,
+    inv_temp,
+    temp,
+    HAS_WEIGHT: tl.constexpr,
+    GRAD_TARGET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    lse_s = tl.load(STATS + rows * 3, mask=row_ok, other=0.0)
+    lse_t = tl.load(STATS + rows * 3 + 1, mask=row_ok, other=0.0)
+    kl = tl.load(STATS + rows * 3 + 2, mask=row_ok, other=0.0)
+    # d(T^2 KL)/ds = T (p_s - p_t);  d(T^2 KL)/dt = T p_t (log p_t - log p_s - KL)
+    coef = tl.where(row_ok, tl.load(SCALE).to(tl.float32) * temp, 0.0)
+    if HAS_WEIGHT:
+        coef = coef * tl.load(W + rows, mask=row_ok, other=0.0)
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
+        s = tl.load(S + rows[:, None] * stride_sm + c[None, :] * stride_sd, mask=msk, other=0.0).to(tl.float32)
+        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        log_ps = s * inv_temp - lse_s[:, None]
+        log_pt = t * inv_temp - lse_t[:, None]
+        p_t = tl.exp(log_pt)
+        ds = coef[:, None] * (tl.exp(log_ps) - p_t)
+        tl.store(DS + rows[:, None] * D + c[None, :], ds.to(DS.dtype.element_ty), mask=msk)
+        if GRAD_TARGET:
+            dt = coef[:, None] * p_t * (log_pt - log_ps - kl[:, None])
+            tl.store(DT + rows[:, None] * D + c[None, :], dt.to(DT.dtype.element_ty), mask=msk)

@@ -1,0 +1,316 @@
+"""Fused KL losses: the Gaussian posterior KL to N(0, I) and the softmax KL feature alignment.
+
+Chains: :mod:`rectok_fast.kernels.kl` (Triton) -> ``rectok_fast::gaussian_kl_fwd`` /
+``rectok_fast::gaussian_kl_bwd`` and ``rectok_fast::kl_align_fwd`` / ``rectok_fast::kl_align_bwd``
+(``torch.library.custom_op`` + fake + autograd) -> :func:`gaussian_kl` and :func:`kl_align_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import reference
+from .._backend import resolve_triton_backend
+from .._validate import check_same_device, check_shape, check_tensor
+from ..kernels.kl import gaussian_kl_bwd_kernel, gaussian_kl_fwd_kernel, kl_align_bwd_kernel, kl_align_fwd_kernel
+from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
+from .cosine_align import _count, kernel_backend, row_tile_config
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ============================================================================= gaussian KL
+
+
+def _split_config(B: int, L: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK, span, n_split, num_warps): each sample's L elements go to n_split programs of span elements."""
+    interp = device.type == "cpu"
+    block = min(triton.next_power_of_2(max(L, 1)), 4096 if interp else 1024)
+    n_chunks = triton.cdiv(L, block)
+    n_split = 1 if interp else min(n_chunks, max(1, 1024 // max(B, 1)))
+    span = triton.cdiv(n_chunks, n_split) * block
+    n_split = triton.cdiv(L, span)
+    return block, span, n_split, 4 if block <= 512 else 8
+
+
+@torch.library.custom_op("rectok_fast::gaussian_kl_fwd", mutates_args=())
+def gaussian_kl_fwd(mean: torch.Tensor, logvar: torch.Tensor, lo: float, hi: float, clamp: bool) -> torch.Tensor:
+    """mean, logvar: (B, L) -> (B,) fp32 ``0.5·Σ(mean² + exp(lv) - 1 - lv)`` with lv clamped to [lo, hi]."""
+    B, L = mean.shape
+    if B == 0 or L == 0:
+        return torch.zeros((B,), dtype=torch.float32, device=mean.device)
+    block, span, n_split, num_warps = _split_config(B, L, mean.device)
+    partial = torch.empty((B, n_split), dtype=torch.float32, device=mean.device)
+    gaussian_kl_fwd_kernel[(B, n_split)](
+        mean,
+        logvar,
+        partial,
+        L,
+        span,
+        n_split,
+        mean.stride(0),
+        mean.stride(1),
+        logvar.stride(0),
+        logvar.stride(1),
+        float(lo),
+        float(hi),
+        CLAMP=clamp,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return partial.sum(1) if n_split > 1 else partial.reshape(B)
+
+
+@gaussian_kl_fwd.register_fake
+def _(mean, logvar, lo, hi, clamp):
+    return mean.new_empty((mean.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("rectok_fast::gaussian_kl_bwd", mutates_args=())
+def gaussian_kl_bwd(
+    grad: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, lo: float, hi: float, clamp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad: (B,) -> (dmean (B, L) in mean's dtype, dlogvar (B, L) in logvar's dtype)."""
+    B, L = mean.shape
+    dmean = torch.empty((B, L), dtype=mean.dtype, device=mean.device)
+    dlogvar = torch.empty((B, L), dtype=logvar.dtype, device=logvar.device)
+    if B == 0 or L == 0:
+        return dmean, dlogvar
+    block, span, n_split, num_warps = _split_config(B, L, mean.device)
+    gaussian_kl_bwd_kernel[(B, n_split)](
+        grad.float().contiguous(),
+        mean,
+        logvar,
+        dmean,
+        dlogvar,
+        L,
+        span,
+        mean.stride(0),
+        mean.stride(1),
+        logvar.stride(0),
+        logvar.stride(1),
+        float(lo),
+        float(hi),
+        CLAMP=clamp,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return dmean, dlogvar
+
+
+@gaussian_kl_bwd.register_fake
+def _(grad, mean, logvar, lo, hi, clamp):
+    return mean.new_empty(mean.shape), logvar.new_empty(logvar.shape)
+
+
+def _gkl_setup_context(ctx, inputs, output):
+    mean, logvar, lo, hi, clamp = inputs
+    ctx.save_for_backward(mean, logvar)
+    ctx.args = (lo, hi, clamp)
+
+
+def _gkl_backward(ctx, grad):
+    mean, logvar = ctx.saved_tensors
+    dmean, dlogvar = gaussian_kl_bwd(grad, mean, logvar, *ctx.args)
+    return dmean, dlogvar, None, None, None
+
+
+gaussian_kl_fwd.register_autograd(_gkl_backward, setup_context=_gkl_setup_context)
+
+
+def gaussian_kl(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    logvar_clamp: tuple[float, float] | None = (LOGVAR_MIN, LOGVAR_MAX),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over all but the batch dim: (B,) fp32.
+
+    Args:
+        mean: (B, ...) posterior means (fp16, bf16, fp32 or fp64).
+        logvar: same shape and device as ``mean`` (dtype may differ); clamped to ``logvar_clamp``
+            (default [-30, 20], as the official DiagonalGaussian; ``None`` disables it) before use,
+            and receives no gradient where it lies outside that range.
+        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (see :mod:`rectok_fast._backend`);
+            fp64 inputs run the reference under ``"auto"``.
+
+    Returns ``0.5·Σ(mean² + exp(logvar) - 1 - logvar)`` per sample, accumulated in fp32.
+    """
+    op = "gaussian_kl"
+    check_tensor(op, "mean", mean, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "logvar", logvar, dtypes=FLOAT_DTYPES)
+    if mean.dim() < 2:
+        raise ValueError(f"{op}: `mean` must have rank >= 2 (B, ...), got shape {tuple(mean.shape)}")
+    check_shape(op, "logvar", logvar, tuple(mean.shape))
+    check_same_device(op, mean=mean, logvar=logvar)
+    if logvar_clamp is not None:
+        if len(logvar_clamp) != 2 or not float(logvar_clamp[0]) <= float(logvar_clamp[1]):
+            raise ValueError(f"{op}: `logvar_clamp` must be None or (lo, hi) with lo <= hi, got {logvar_clamp!r}")
+    chosen = resolve_triton_backend(op, backend, mean, logvar)
+    chosen = kernel_backend(op, backend, chosen, mean, logvar)
+    if chosen == "reference":
+        return reference.gaussian_kl(mean, logvar, logvar_clamp=logvar_clamp)
+    B = mean.shape[0]
+    lo, hi = (float(logvar_clamp[0]), float(logvar_clamp[1])) if logvar_clamp is not None else (0.0, 0.0)
+    return gaussian_kl_fwd(mean.reshape(B, -1), logvar.reshape(B, -1), lo, hi, logvar_clamp is not None)
+
+
+# ============================================================================= softmax KL alignment
+
+
+@torch.library.custom_op("rectok_fast::kl_align_fwd", mutates_args=())
+def kl_align_fwd(
+    student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """student, teacher: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 3) fp32)."""
+    M, D = student.shape
+    stats = torch.empty((M, 3), dtype=torch.float32, device=student.device)
+    rowloss = torch.empty((M,), dtype=torch.float32, device=student.device)
+    if M > 0:
+        block_m, block_d, num_warps = row_tile_config(M, D, student.device)
+        kl_align_fwd_kernel[(triton.cdiv(M, block_m),)](
+            student,
+            teacher,
+            weight if weight is not None else rowloss,
+            stats,
+            rowloss,
+            M,
+            D,
+            student.stride(0),
+            student.stride(1),
+            teacher.stride(0),
+            teacher.stride(1),
+            1.0 / float(temperature),
+            float(temperature) ** 2,
+            HAS_WEIGHT=weight is not None,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    loss = rowloss.sum() / _count(weight, M, student.device)
+    return loss, stats
+
+
+@kl_align_fwd.register_fake
+def _(student, teacher, weight, temperature):
+    M = student.shape[0]
+    return student.new_empty((), dtype=torch.float32), student.new_empty((M, 3), dtype=torch.float32)
+
+
+@torch.library.custom_op("rectok_fast::kl_align_bwd", mutates_args=())
+def kl_align_bwd(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    temperature: float,
+    grad_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad: 0-dim -> (dstudent (M, D), dteacher (M, D) or (0,) when not grad_target)."""
+    M, D = student.shape
+    dstudent = torch.empty((M, D), dtype=student.dtype, device=student.device)
+    dteacher = torch.empty((M, D) if grad_target else (0,), dtype=teacher.dtype, device=teacher.device)
+    if M > 0:
+        scale = (grad.float() / _count(weight, M, student.device)).contiguous()
+        block_m, block_d, num_warps = row_tile_config(M, D, student.device)
+        kl_align_bwd_kernel[(triton.cdiv(M, block_m),)](
+            student,
+            teacher,
+            weight if weight is not None else stats,
+            stats,
+            scale,
+            dstudent,
+            dteacher if grad_target else dstudent,
+            M,
+            D,
+            student.stride(0),
+            student.stride(1),
+            teacher.stride(0),
+            teacher.stride(1),
+            1.0 / float(temperature),
+            float(temperature),
+            HAS_WEIGHT=weight is not None,
+            GRAD_TARGET=grad_target,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return dstudent, dteacher
+
+
+@kl_align_bwd.register_fake
+def _(grad, student, teacher, weight, stats, temperature, grad_target):
+    return student.new_empty(student.shape), teacher.new_empty(teacher.shape if grad_target else (0,))
+
+
+def _kla_setup_context(ctx, inputs, output):
+    student, teacher, weight, temperature = inputs
+    _, stats = output
+    ctx.save_for_backward(student, teacher, weight, stats)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(stats)
+
+
+def _kla_backward(ctx, grad_loss, grad_stats):
+    student, teacher, weight, stats = ctx.saved_tensors
+    grad_target = bool(ctx.needs_input_grad[1])
+    ds, dt = kl_align_bwd(grad_loss, student, teacher, weight, stats, ctx.temperature, grad_target)
+    return ds, (dt if grad_target else None), None, None
+
+
+kl_align_fwd.register_autograd(_kla_backward, setup_context=_kla_setup_context)
+
+
+def kl_align_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    *,
+    grad_target: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean over (selected) tokens of ``T²·KL(softmax(teacher/T) || softmax(student/T))``, 0-dim fp32.
+
+    Args:
+        student: (..., D) student features; the softmax runs over the last dim.
+        teacher: (..., D) teacher features, same shape and device (dtype may differ).
+        temperature: T > 0; the ``T²`` factor keeps the gradient scale independent of T.
+        mask: optional bool or float tensor of shape ``student.shape[:-1]`` as in
+            :func:`rectok_fast.ops.cosine_align.cosine_align_loss` (mean over ``max(sum(mask), 1)``).
+        grad_target: also differentiate with respect to ``teacher`` (detached otherwise).
+        backend: ``"auto"`` | ``"triton"`` | ``"reference"``; fp64 runs the reference under ``"auto"``.
+
+    Gradients: ``d/dstudent = g·w/count · T·(softmax(s/T) - softmax(t/T))`` and
+    ``d/dteacher = g·w/count · T·p_t·(log p_t - log p_s - KL)`` per token.
+    """
+    op = "kl_align_loss"
+    check_tensor(op, "student", student, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "teacher", teacher, dtypes=FLOAT_DTYPES)
+    if student.dim() < 1 or student.shape[-1] == 0:
+        raise ValueError(f"{op}: `student` must have shape (..., D) with D >= 1, got {tuple(student.shape)}")
+    check_shape(op, "teacher", teacher, tuple(student.shape))
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{op}: `temperature` must be a positive number, got {temperature!r}")
+    if mask is not None:
+        check_tensor(op, "mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES)
+        check_shape(op, "mask", mask, tuple(student.shape[:-1]))
+    check_same_device(op, student=student, teacher=teacher, mask=mask)
+    chosen = resolve_triton_backend(op, backend, student, teacher, mask)
+    chosen = kernel_backend(op, backend, chosen, student, teacher)
+    if chosen == "reference":
+        return reference.kl_align_loss(student, teacher, temperature, mask, grad_target=grad_target)
+    D = student.shape[-1]
+    s2 = student.reshape(-1, D)
+    t2 = teacher.reshape(-1, D)
+    if not grad_target:
+        t2 = t2.detach()
+    weight = None if mask is None else mask.detach().reshape(-1).to(torch.float32).contiguous()
+    loss, _ = kl_align_fwd(s2, t2, weight, float(temperature))
+    return loss
+
+
+__all__ = ["gaussian_kl", "gaussian_kl_bwd", "gaussian_kl_fwd", "kl_align_bwd", "kl_align_fwd", "kl_align_loss"]
