@@ -1,0 +1,104 @@
+"""A distributed sampler that lays out *global* batches, plus the loader builder.
+
+Global batch ``k`` of an epoch is ``perm[k·G : (k+1)·G]`` (``G`` = micro-batch × world size ×
+accumulation steps, ``perm`` seeded by ``(seed, epoch)``).  Micro-batch ``m`` of rank ``r`` is the
+contiguous slice starting at :func:`slot_offset` ``(m·world + r)·micro``.  So a run on ``W`` ranks sees
+exactly the samples (and, with :func:`slot_offset`, the noise) of a single-process run with the same
+global batch, and resuming at step ``s`` just skips ``s`` global batches, no RNG replay needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def slot_offset(micro_index: int, rank: int, world: int, micro: int) -> int:
+    """Position of a rank's micro-batch inside the global batch."""
+    return (micro_index * world + rank) * micro
+
+
+class DistributedGlobalBatchSampler(Sampler[int]):
+    """Per-rank indices for whole global batches; drop the incomplete last one; ``set_epoch`` per epoch."""
+
+    def __init__(
+        self,
+        dataset_len: int,
+        micro_batch: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        accum: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
+        if dataset_len < micro_batch * world * accum:
+            raise ValueError(
+                f"dataset of {dataset_len} samples is smaller than one global batch ({micro_batch}×{world}×{accum})"
+            )
+        self.n, self.micro, self.rank, self.world, self.accum = dataset_len, micro_batch, rank, world, accum
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.world * self.accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Epoch ``epoch``, skipping its first ``start_step`` global batches (resume mid-epoch)."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        G = self.global_batch
+        for step in range(self.start_step, self.steps_per_epoch):
+            for m in range(self.accum):
+                base = step * G + slot_offset(m, self.rank, self.world, self.micro)
+                yield from perm[base : base + self.micro]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum * self.micro
+
+
+def build_loader(
+    dataset: Dataset,
+    micro_batch: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    accum: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` over :class:`DistributedGlobalBatchSampler`; its own generator keeps the global
+    RNG untouched (so model randomness is unaffected by loader restarts)."""
+    sampler = DistributedGlobalBatchSampler(
+        len(dataset), micro_batch, rank=rank, world=world, accum=accum, shuffle=shuffle, seed=seed
+    )
+    return DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_step: int = 0) -> None:
+    loader.sampler.set_epoch(epoch, start_step)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)

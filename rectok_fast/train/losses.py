@@ -1,0 +1,217 @@
+"""Tokenizer training losses beyond the fused ops: perceptual (LPIPS-VGG + ConvNeXt-S logits) and a
+PatchGAN discriminator with hinge loss (SPEC §3).
+
+Perceptual weights are never downloaded here: they are read from an explicit path or from the
+torchvision hub cache (``$TORCH_HOME/hub/checkpoints``) and the ``lpips`` package; when absent a
+:class:`MissingWeightsError` says which file is needed and how to disable the term
+(``loss.perceptual_enabled=false``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VGG16_FILE = "vgg16-397923af.pth"
+CONVNEXT_S_FILE = "convnext_small-0c510722.pth"
+LPIPS_LIN_FILE = "vgg.pth"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MissingWeightsError(FileNotFoundError):
+    pass
+
+
+def _hub_checkpoints() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def find_weight(filename: str, path: str | None, extra_dirs: tuple[str, ...] = ()) -> str:
+    """``path`` itself (a file), ``path/filename``, ``extra_dirs/filename`` or the torch hub cache; else raise."""
+    cands = []
+    if path:
+        cands += [path] if os.path.isfile(path) else [os.path.join(path, filename)]
+    cands += [os.path.join(d, filename) for d in extra_dirs] + [os.path.join(_hub_checkpoints(), filename)]
+    for c in cands:
+        if os.path.isfile(c):
+            return c
+    raise MissingWeightsError(
+        f"perceptual loss: weight file {filename!r} not found (looked in: {', '.join(cands)}). Put it there "
+        f"(e.g. download once on a machine with network and copy it), point loss.lpips_path / loss.convnext_path "
+        f"at it, or disable the perceptual loss with loss.perceptual_enabled=false."
+    )
+
+
+def _lpips_package_dir() -> tuple[str, ...]:
+    try:
+        import lpips  # noqa: F401
+
+        return (os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1"),)
+    except ImportError:
+        return ()
+
+
+def _require_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "the perceptual loss needs torchvision (pip install torchvision) or loss.perceptual_enabled=false"
+        ) from e
+    import torchvision.models as tvm
+
+    return tvm
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG (Zhang et al. 2018, the ``lpips`` package's v0.1 ``net='vgg'``) on [-1, 1] images.
+
+    x, y: (B, 3, H, W) -> (B,) distances.  ``vgg_weights``/``lin_weights``: file paths (or None to
+    look in ``path``, the lpips package and the torch hub cache).  ``pretrained=False`` builds random
+    weights (tests only).
+    """
+
+    def __init__(self, path: str | None = None, pretrained: bool = True):
+        super().__init__()
+        tvm = _require_torchvision()
+        vgg = tvm.vgg16(weights=None)
+        if pretrained:
+            vgg.load_state_dict(torch.load(find_weight(VGG16_FILE, path), map_location="cpu", weights_only=True))
+        feats = vgg.features
+        self.slices = nn.ModuleList([feats[0:4], feats[4:9], feats[9:16], feats[16:23], feats[23:30]])
+        chans = (64, 128, 256, 512, 512)
+        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in chans])
+        if pretrained:
+            sd = torch.load(
+                find_weight(LPIPS_LIN_FILE, path, _lpips_package_dir()), map_location="cpu", weights_only=True
+            )
+            for i, lin in enumerate(self.lins):
+                lin.weight.data.copy_(sd[f"lin{i}.model.1.weight"])
+        else:
+            for lin in self.lins:
+                nn.init.uniform_(lin.weight, 0.0, 0.1)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always frozen / eval
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x, y]).float()
+        h = (h - self.shift) / self.scale
+        b = x.shape[0]
+        total = 0.0
+        for sl, lin in zip(self.slices, self.lins):
+            h = sl(h)
+            f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            d = (f[:b] - f[b:]).pow(2)
+            total = total + lin(d).mean(dim=(2, 3)).flatten()
+        return total
+
+
+class ConvNeXtLogitLoss(nn.Module):
+    """MSE between torchvision ConvNeXt-S ImageNet logits of two [-1, 1] image batches at 224 px -> (B,)."""
+
+    def __init__(self, path: str | None = None, pretrained: bool = True):
+        super().__init__()
+        tvm = _require_torchvision()
+        self.net = tvm.convnext_small(weights=None)
+        if pretrained:
+            self.net.load_state_dict(
+                torch.load(find_weight(CONVNEXT_S_FILE, path), map_location="cpu", weights_only=True)
+            )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() * 0.5 + 0.5 - self.mean) / self.std
+        if x.shape[-1] != 224 or x.shape[-2] != 224:
+            x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ty = self._logits(y)
+        return (self._logits(x) - ty).pow(2).mean(1)
+
+
+class PerceptualLoss(nn.Module):
+    """SPEC §3's ``P = (w_lpips·LPIPS + w_cnx·MSE(ConvNeXt logits)) / (w_lpips + w_cnx)``, batch-mean, 0-dim fp32."""
+
+    def __init__(
+        self,
+        lpips_weight: float = 1.0,
+        convnext_weight: float = 0.1,
+        lpips_path: str | None = None,
+        convnext_path: str | None = None,
+        pretrained: bool = True,
+    ):
+        super().__init__()
+        self.wl, self.wc = float(lpips_weight), float(convnext_weight)
+        self.lpips = LPIPS(lpips_path, pretrained) if self.wl > 0 else None
+        self.convnext = ConvNeXtLogitLoss(convnext_path, pretrained) if self.wc > 0 else None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = x.new_zeros((), dtype=torch.float32)
+        if self.lpips is not None:
+            total = total + self.wl * self.lpips(x, y).mean()
+        if self.convnext is not None:
+            total = total + self.wc * self.convnext(x, y).mean()
+        return total / max(1e-12, self.wl + self.wc)
+
+    def extra_repr(self) -> str:
+        return f"lpips_weight={self.wl}, convnext_weight={self.wc}"
+
+
+class PatchGANDiscriminator(nn.Module):
+    """pix2pix / taming-transformers ``NLayerDiscriminator``: (B, 3, H, W) -> (B, 1, h, w) patch logits.
+
+    Conv4×4/2 + LeakyReLU, then ``n_layers`` Conv4×4 (stride 2, the last stride 1) + BatchNorm +
+    LeakyReLU with channels doubling up to 8×, then a Conv4×4/1 to one channel.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers += [nn.Conv2d(channels * mult, 1, 4, 1, 1)]
+        self.main = nn.Sequential(*layers)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``½·(mean relu(1 - D(x)) + mean relu(1 + D(x̂)))``."""
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """``L_G = -mean D(x̂)``."""
+    return -logits_fake.float().mean()

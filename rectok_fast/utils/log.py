@@ -1,0 +1,116 @@
+"""Run logging: JSONL metrics, a tqdm progress bar with images/s and ETA, optional TensorBoard / W&B."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+logger = logging.getLogger("rectok_fast.train")
+
+
+def setup_logging(out_dir: str | None, is_main: bool = True) -> None:
+    """INFO to stderr (main rank) and ``OUT/log.txt``."""
+    root = logging.getLogger("rectok_fast")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(getattr(h, "_rectok", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        h._rectok = True
+        root.addHandler(h)
+        if out_dir and is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            fh = logging.FileHandler(os.path.join(out_dir, "log.txt"))
+            fh.setFormatter(fmt)
+            fh._rectok = True
+            root.addHandler(fh)
+    root.propagate = False
+
+
+class MetricLogger:
+    """Writes one JSON object per line to ``OUT/metrics.jsonl`` (main rank only) and mirrors scalars to
+    TensorBoard / W&B when requested and installed (a clear warning otherwise, never a crash)."""
+
+    def __init__(
+        self,
+        out_dir: str,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        config: dict | None = None,
+        project: str = "rectok_fast",
+    ):
+        self.enabled = enabled
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except Exception as e:  # tensorboard not installed
+                logger.warning("TensorBoard requested but unavailable (%s); logging to JSONL only", e)
+        if wandb:
+            try:
+                import wandb as _wandb
+
+                self.wandb = _wandb.init(project=project, dir=out_dir, config=config or {}, resume="allow")
+            except Exception as e:
+                logger.warning("W&B requested but unavailable (%s); logging to JSONL only", e)
+
+    def log(self, step: int, **metrics: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": time.time(), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, int | float):
+                if self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Progress:
+    """tqdm bar over optimizer steps showing images/s, the latest losses and the ETA."""
+
+    def __init__(self, start: int, total: int, images_per_step: int, enabled: bool = True, desc: str = "train"):
+        self.images_per_step = images_per_step
+        self.bar = None
+        self._t0 = time.perf_counter()
+        self._s0 = start
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+
+    def update(self, step: int, metrics: dict[str, float] | None = None) -> float:
+        """Advance to ``step`` (1-based count of finished steps); returns images/s since start."""
+        dt = max(1e-9, time.perf_counter() - self._t0)
+        ips = (step - self._s0) * self.images_per_step / dt
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if metrics is not None:
+                post = {"img/s": f"{ips:.1f}"}
+                post.update({k: f"{v:.4g}" for k, v in metrics.items()})
+                self.bar.set_postfix(post, refresh=False)
+        return ips
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
