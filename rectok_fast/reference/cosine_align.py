@@ -14,7 +14,7 @@ def cosine_align_loss(
     grad_target: bool = False,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Mean over the selected tokens of ``relu(1 - cos(pred, target) - margin)`` (0-dim fp32).
+    """Mean over the selected tokens of ``relu(1 - cos(pred, target) - margin)`` (0-dim fp32; fp64 for fp64 inputs).
 
     pred, target: (..., D); mask: optional bool/0-1 tensor of shape ``pred.shape[:-1]`` selecting
     tokens (True = counted).  No selected token gives 0.  ``cos`` divides by each norm clamped to
@@ -27,7 +27,9 @@ def cosine_align_loss(
     pn = pred.norm(dim=-1).clamp_min(EPS)
     tn = target.norm(dim=-1).clamp_min(EPS)
     cos = (pred * target).sum(-1) / (pn * tn)
-    per_token = torch.relu(1.0 - cos - margin).float()
+    per_token = torch.relu(1.0 - cos - margin)
+    if per_token.dtype != torch.float64:  # fp32 result; fp64 stays fp64 (gradcheck)
+        per_token = per_token.float()
     if mask is None:
         return per_token.mean()
     w = mask.to(per_token.dtype)
