@@ -7,6 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .rope import apply_rope, rotate_pairs
+
+__all__ = ["Attention", "Block", "RMSNorm", "SwiGLU", "apply_rope", "gate", "modulate", "rotate_pairs", "swiglu_hidden"]
 
 
 class RMSNorm(nn.Module):
@@ -18,16 +21,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class SwiGLU(nn.Module):
-    """``w3(silu(a) * b)`` with ``a, b = w12(x).chunk(2)`` (first half ``a``)."""
+    """``w3(silu(a) * b)`` with ``a, b = w12(x).chunk(2)`` (first half ``a``); x (..., dim) -> (..., dim)."""
 
     def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
@@ -38,28 +39,21 @@ class SwiGLU(nn.Module):
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
+    def extra_repr(self) -> str:
+        return f"hidden={self.w3.in_features}"
+
 
 def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
     """``int(2/3 · mlp_ratio · dim)``: 2048 for 768, 3072 for 1152, 5461 for 2048."""
     return int(2 / 3 * mlp_ratio * dim)
 
 
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """Adjacent-pair rotation ``(x0, x1) -> (-x1, x0)`` over the last dim."""
-    x = x.unflatten(-1, (-1, 2))
-    x0, x1 = x.unbind(-1)
-    return torch.stack((-x1, x0), dim=-1).flatten(-2)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x·cos + rot(x)·sin``; x (B, H, N, D), cos/sin broadcastable to it (e.g. (B|1, 1, N, D))."""
-    return x * cos + rotate_pairs(x) * sin
-
-
 class Attention(nn.Module):
     """qkv Linear (split (3, heads, head_dim)), optional per-head q/k RMSNorm, RoPE, SDPA, proj."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, backend: str | None = None):
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, backend: str | None = None
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
@@ -85,3 +79,33 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend or 'auto'}"
+
+
+class Block(nn.Module):
+    """The tokenizer's pre-norm block (SPEC §1): ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, backend: str | None = None
+    ):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm, backend=backend)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, N, dim); rope = (cos, sin) each (B|1, N, head_dim) -> (B, N, dim)."""
+        x = x + self.attn(self.norm1(x), rope=rope)
+        return x + self.mlp(self.norm2(x))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x·(1 + scale) + shift``; x (B, N, D), shift/scale (B, D) or (B, N, D)."""
+    if shift.dim() == 2:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """adaLN gate ``g·x``; x (B, N, D), g (B, D) or (B, N, D)."""
+    return x * (g.unsqueeze(1) if g.dim() == 2 else g)

@@ -1,0 +1,706 @@
+"""The RecTok tokenizer (SPEC §1–§3) on the fused ops.
+
+Module and parameter names follow the released checkpoints (``encoder.*``, ``decoder.*``,
+``sem_decoders.<teacher>.*``), so :meth:`RecTok.from_official` is a shape inference plus a plain
+``load_state_dict``.  Hot paths go through :mod:`rectok_fast.ops`: the visible-only patch embedding
+(``ops.patchify(images, p, ids_keep)`` then a Linear with the Conv2d weight reshaped), the gather of
+position embeddings and RoPE rows (``ops.gather_tokens``), the mask-token insertion
+(``ops.restore_tokens``), the posterior + flow interpolation + KL (``ops.posterior_flow``), the flow
+time (``ops.sample_time``), the pixel head's unpatchify (``ops.unpatchify``) and the semantic loss
+(``ops.cosine_align_loss``).
+
+Masking (training) draws the ratio ``r`` and the kept count ``K`` on the host
+(:meth:`RecTok.sample_mask`), the permutation on the device; no host-device sync.  Under
+``torch.compile`` pass the mask in (``model(images, mask=model.sample_mask(B, device))``): the kept
+dim of ``ids_keep`` is marked dynamic, so changing mask ratios never recompile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..nn.layers import Block, RMSNorm
+from ..nn.rope import rectok_rope_table
+
+logger = logging.getLogger("rectok_fast")
+
+# name -> (width, depth, heads); the original SIZE_DICT
+RECTOK_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 3, 4),
+    "tiny_l": (1024, 3, 16),
+    "small": (512, 8, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "xl": (1152, 28, 16),
+    "huge": (1280, 32, 16),
+}
+_HEADS_BY_WIDTH = {192: 4, 512: 8, 768: 12, 1024: 16, 1152: 16, 1280: 16}
+
+NOISE_SCHEDULES = ("shift", "lognorm", "uniform")
+SEM_TARGETS = ("rec+align", "reconstruction", "align")
+SEM_INPUTS = ("noisy", "clean")
+SEM_LOSSES = ("cosine", "l1", "l2")
+
+
+def _size(spec: str | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
+    if isinstance(spec, str):
+        if spec not in RECTOK_SIZES:
+            raise ValueError(f"RecTok: unknown size {spec!r}; known: {sorted(RECTOK_SIZES)} or (width, depth, heads)")
+        return RECTOK_SIZES[spec]
+    width, depth, heads = (int(v) for v in spec)
+    return width, depth, heads
+
+
+@dataclass
+class RecTokConfig:
+    """Everything that defines a RecTok model.  Sizes are a name of :data:`RECTOK_SIZES` or
+    ``(width, depth, heads)``; ``teachers`` maps a teacher name to its feature width (one semantic
+    decoder each)."""
+
+    img_size: int = 256
+    patch_size: int = 16
+    token_channels: int = 128
+    encoder: str | tuple[int, int, int] = "base"
+    decoder: str | tuple[int, int, int] = "base"
+    sem_decoder: str | tuple[int, int, int] = "tiny"
+    teachers: dict[str, int] = field(default_factory=lambda: {"dinov3": 1024})
+    mask_ratio: float = 0.4
+    mask_ratio_min: float = -0.1
+    random_mask_ratio: bool = True
+    gamma: float = 1.0
+    noise_schedule: str = "shift"
+    sem_input_type: str = "noisy"
+    sem_target: str = "rec+align"
+    sem_loss: str = "cosine"
+    qk_norm: bool = False
+    scale_factor: float = 1.0
+    attn_backend: str | None = None
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"RecTok: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        for name, value, allowed in (
+            ("noise_schedule", self.noise_schedule, NOISE_SCHEDULES),
+            ("sem_target", self.sem_target, SEM_TARGETS),
+            ("sem_input_type", self.sem_input_type, SEM_INPUTS),
+            ("sem_loss", self.sem_loss, SEM_LOSSES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"RecTok: `{name}` must be one of {allowed}, got {value!r}")
+        if not self.mask_ratio_min <= self.mask_ratio < 1:
+            raise ValueError(
+                f"RecTok: need mask_ratio_min <= mask_ratio < 1, got ({self.mask_ratio_min}, {self.mask_ratio})"
+            )
+        self.teachers = {str(k): int(v) for k, v in self.teachers.items()}
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+
+class Mask(NamedTuple):
+    """A masking plan: ``ids_keep`` (B, K) visible token indices, ``ids_restore`` (B, N) the inverse
+    permutation (token i of the image takes element ``ids_restore[:, i]`` of [visible, mask tokens])."""
+
+    ids_keep: torch.Tensor
+    ids_restore: torch.Tensor
+
+
+@dataclass
+class RecTokOutput:
+    """What the training forward returns (shapes for batch B, N tokens, K visible, C channels)."""
+
+    reconstruction: torch.Tensor  # (B, 3, H, W), [-1, 1] image scale
+    z: torch.Tensor  # (B, K, C) posterior sample (or mean)
+    z_t: torch.Tensor  # (B, K, C) flow-interpolated latents fed to the pixel decoder
+    kl: torch.Tensor  # () KL summed over tokens and channels, averaged over the batch
+    t: torch.Tensor | None  # (B,) flow time (None without the flow)
+    sem_pred: dict[str, torch.Tensor]  # teacher name -> (B, N, width) predicted features
+    sem_target: dict[str, torch.Tensor]  # teacher name -> (B, N, width) teacher features (when available)
+    sem_losses: dict[str, torch.Tensor]  # teacher name -> () loss
+    sem_loss: torch.Tensor | None  # () mean of sem_losses
+    ids_keep: torch.Tensor | None  # (B, K)
+    ids_restore: torch.Tensor | None  # (B, N)
+    token_mask: torch.Tensor | None  # (B, N) bool, True where a token was masked
+
+
+# ----------------------------------------------------------------------------- sub-modules
+
+
+class _Trunk(nn.Module):
+    """ln_pre -> blocks (with the tokenizer RoPE) -> ln_post, shared by the three transformers."""
+
+    def __init__(self, width: int, depth: int, heads: int, grid: int, qk_norm: bool, backend: str | None):
+        super().__init__()
+        if (width // heads) % 4:
+            raise ValueError(
+                f"RecTok: head dim {width // heads} (width {width} / {heads} heads) must be a multiple of 4"
+            )
+        self.ln_pre = RMSNorm(width)
+        self.transformer = nn.ModuleList(Block(width, heads, qk_norm=qk_norm, backend=backend) for _ in range(depth))
+        self.ln_post = RMSNorm(width)
+        self.register_buffer("rope_table", rectok_rope_table(width // heads, grid), persistent=False)  # (N, 2·hd)
+
+    def _blocks(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
+        """x (B, L, width); rope_table (B|1, L, 2·head_dim)."""
+        cos, sin = rope_table.chunk(2, dim=-1)
+        x = self.ln_pre(x)
+        for block in self.transformer:
+            x = block(x, rope=(cos, sin))
+        return self.ln_post(x)
+
+
+class Encoder(_Trunk):
+    """ViT encoder: Conv2d patch embedding (run as a Linear over visible patches) + position
+    embedding, optional masking, blocks, ``latent_head`` to 2C moments."""
+
+    def __init__(self, cfg: RecTokConfig):
+        width, depth, heads = _size(cfg.encoder)
+        super().__init__(width, depth, heads, cfg.grid, cfg.qk_norm, cfg.attn_backend)
+        self.patch_size = cfg.patch_size
+        self.patch_embed = nn.Sequential(nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size))
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(1, cfg.num_tokens, width))
+        self.latent_head = nn.Linear(width, 2 * cfg.token_channels)
+
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1]; ids_keep (B, K) or None -> moments (B, K|N, 2C)."""
+        conv = self.patch_embed[0]
+        patches = ops.patchify(images, self.patch_size, ids_keep)  # (B, K, 3·p·p), (c, py, px) order
+        x = F.linear(patches, conv.weight.flatten(1), conv.bias)  # (B, K, width)
+        if ids_keep is None:
+            x = x + self.positional_embedding
+            rope = self.rope_table.unsqueeze(0)
+        else:
+            x = x + ops.gather_tokens(self.positional_embedding, ids_keep)
+            rope = ops.gather_tokens(self.rope_table, ids_keep)  # (B, K, 2·head_dim)
+        return self.latent_head(self._blocks(x, rope))
+
+
+class Decoder(_Trunk):
+    """Pixel decoder: ``decoder_embed``, mask tokens, position embedding, blocks, a 1×1 conv to
+    ``p·p·3`` channels per token (``ffn.1``), unpatchify, ``conv_out`` 3×3."""
+
+    def __init__(self, cfg: RecTokConfig):
+        width, depth, heads = _size(cfg.decoder)
+        super().__init__(width, depth, heads, cfg.grid, cfg.qk_norm, cfg.attn_backend)
+        p = cfg.patch_size
+        self.patch_size, self.grid = p, cfg.grid
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(1, cfg.num_tokens, width))
+        self.mask_token = nn.Parameter(width**-0.5 * torch.randn(1, 1, width))
+        self.decoder_embed = nn.Linear(cfg.token_channels, width)
+        # index 0 is the official Rearrange (no parameters); keeps the key name ``ffn.1``
+        self.ffn = nn.Sequential(nn.Identity(), nn.Conv2d(width, p * p * 3, 1))
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def _head_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 1×1 conv as a Linear whose outputs are in patchify's (c, py, px) order.
+
+        The official output channel ``(py·p + px)·3 + c`` goes to pixel ``(c, py, px)`` of the patch.
+        """
+        conv, p = self.ffn[1], self.patch_size
+        w = conv.weight.reshape(p, p, 3, -1).permute(2, 0, 1, 3).reshape(3 * p * p, -1)
+        b = conv.bias.reshape(p, p, 3).permute(2, 0, 1).reshape(-1)
+        return w, b
+
+    def forward(self, z: torch.Tensor, ids_restore: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, K, C) with ``ids_restore`` (B, N), or (B, N, C) -> image (B, 3, H, W) in [-1, 1] scale."""
+        x = self.decoder_embed(z)
+        if ids_restore is None:
+            x = x + self.positional_embedding
+        else:
+            x = ops.restore_tokens(x, ids_restore, self.mask_token, self.positional_embedding)
+        x = self._blocks(x, self.rope_table.unsqueeze(0))
+        w, b = self._head_weight()
+        pixels = ops.unpatchify(F.linear(x, w, b), self.patch_size, 3, self.grid)
+        return self.conv_out(pixels)
+
+
+class SemanticDecoder(_Trunk):
+    """The small transformer that predicts a teacher's patch features for all N tokens."""
+
+    def __init__(self, cfg: RecTokConfig, teacher_width: int):
+        width, depth, heads = _size(cfg.sem_decoder)
+        super().__init__(width, depth, heads, cfg.grid, False, cfg.attn_backend)
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(1, cfg.num_tokens, width))
+        self.token_embedding = nn.Linear(cfg.token_channels, width)
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, width))
+        self.out = nn.Linear(width, teacher_width)
+
+    def forward(self, z: torch.Tensor, ids_restore: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, K, C) with ``ids_restore`` (B, N), or (B, N, C) -> features (B, N, teacher_width)."""
+        x = self.token_embedding(z)
+        if ids_restore is None:
+            x = x + self.positional_embedding
+        else:
+            x = ops.restore_tokens(x, ids_restore, self.mask_embedding, self.positional_embedding)
+        return self.out(self._blocks(x, self.rope_table.unsqueeze(0)))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class RecTok(nn.Module):
+    """RecTok visual tokenizer.
+
+    Example::
+
+        model = RecTok.from_official("rectok_bb_ch128.pth").cuda()  # eval mode, EMA weights
+        model.set_latent_stats(mean, std)                           # (C,) each, for generation
+        tokens = model.tokenize(images)                              # (B, 128, 16, 16), images in [-1, 1]
+        recon = model.detokenize(tokens)                             # (B, 3, 256, 256) in [0, 1]
+    """
+
+    def __init__(self, config: RecTokConfig | None = None, **kwargs: Any):
+        super().__init__()
+        if config is None:
+            config = RecTokConfig(**kwargs)
+        elif kwargs:
+            config = RecTokConfig(**{**asdict(config), **kwargs})
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.apply(_init_weights)
+        self.sem_decoders = nn.ModuleDict({name: SemanticDecoder(config, w) for name, w in config.teachers.items()})
+        C = config.token_channels
+        self.register_buffer("latent_mean", torch.zeros(C))
+        self.register_buffer("latent_std", torch.ones(C))
+        self.teachers: dict[str, nn.Module] = {}  # frozen feature extractors, not part of the state dict
+        self._mask_rng = random.Random()
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def grid(self) -> int:
+        return self.config.grid
+
+    @property
+    def token_channels(self) -> int:
+        return self.config.token_channels
+
+    @property
+    def timestep_shift(self) -> float:
+        """``sqrt(g·g·C/4096)``, the shift of the ``shift`` noise schedule."""
+        return math.sqrt(self.grid * self.grid * self.token_channels / 4096)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"img_size={c.img_size}, patch_size={c.patch_size}, channels={c.token_channels}, teachers={list(c.teachers)}"
+
+    # ---------------------------------------------------------------- masking
+
+    def seed_masking(self, seed: int) -> None:
+        """Seed the host RNG that draws the mask ratio (the permutation uses torch's RNG)."""
+        self._mask_rng.seed(seed)
+
+    def draw_num_kept(self) -> int:
+        """``K = ceil(N·(1 − r))`` with ``r = max(0, U(mask_ratio_min, mask_ratio))`` (host only)."""
+        c = self.config
+        r = max(0.0, self._mask_rng.uniform(c.mask_ratio_min, c.mask_ratio)) if c.random_mask_ratio else c.mask_ratio
+        return int(math.ceil(c.num_tokens * (1 - r)))
+
+    def sample_mask(
+        self,
+        batch: int,
+        device: torch.device | str | None = None,
+        num_kept: int | None = None,
+        *,
+        mark_dynamic: bool = True,
+    ) -> Mask:
+        """A random masking plan: one K for the batch (``num_kept`` or :meth:`draw_num_kept`), one
+        permutation per sample (``argsort(rand(B, N))``).  The kept dim is marked dynamic for
+        ``torch.compile`` so that a new K does not recompile."""
+        N = self.config.num_tokens
+        K = self.draw_num_kept() if num_kept is None else int(num_kept)
+        if not 1 <= K <= N:
+            raise ValueError(f"RecTok.sample_mask: num_kept must be in [1, {N}], got {K}")
+        device = self.latent_mean.device if device is None else device
+        ids_shuffle = torch.argsort(torch.rand(batch, N, device=device), dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :K].contiguous()
+        if mark_dynamic:
+            torch._dynamo.maybe_mark_dynamic(ids_keep, 1)
+        return Mask(ids_keep, ids_restore)
+
+    # ---------------------------------------------------------------- inference API
+
+    def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> moments (B, N, 2C) = [mean, logvar] (unclamped).
+
+        No masking unless ``ids_keep`` (B, K) is given (then (B, K, 2C) for those tokens)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"RecTok.encode: `images` must be (B, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[-1] != self.config.img_size or images.shape[-2] != self.config.img_size:
+            raise ValueError(f"RecTok.encode: expected {self.config.img_size}px images, got {tuple(images.shape[-2:])}")
+        return self.encoder(images, ids_keep)
+
+    @staticmethod
+    def posterior_mean(moments: torch.Tensor) -> torch.Tensor:
+        return moments[..., : moments.shape[-1] // 2]
+
+    def _tokens(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() == 4:
+            return z.flatten(2).transpose(1, 2)
+        if z.dim() != 3:
+            raise ValueError(f"RecTok: latents must be (B, K, C) or (B, C, g, g), got {tuple(z.shape)}")
+        return z
+
+    def decode(self, z: torch.Tensor, ids_restore: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, K, C) (K < N needs ``ids_restore`` (B, N)) or (B, C, g, g) -> (B, 3, H, W), [-1, 1] scale, unclamped."""
+        return self.decoder(self._tokens(z), ids_restore)
+
+    def predict_teacher_features(
+        self, z: torch.Tensor, ids_restore: torch.Tensor | None = None, teacher: str | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Semantic decoder output (B, N, teacher_width) for ``teacher`` (the only one when None;
+        a dict name -> features when the model has several and ``teacher`` is None)."""
+        z = self._tokens(z)
+        if teacher is not None:
+            if teacher not in self.sem_decoders:
+                raise KeyError(f"RecTok: no semantic decoder for teacher {teacher!r}; have {list(self.sem_decoders)}")
+            return self.sem_decoders[teacher](z, ids_restore)
+        if len(self.sem_decoders) == 1:
+            return next(iter(self.sem_decoders.values()))(z, ids_restore)
+        return {name: dec(z, ids_restore) for name, dec in self.sem_decoders.items()}
+
+    @torch.no_grad()
+    def set_latent_stats(self, mean: torch.Tensor | float, std: torch.Tensor | float) -> None:
+        """Per-channel (C,) (or scalar) statistics of the posterior means used by tokenize/detokenize."""
+        C = self.token_channels
+        for buf, v in ((self.latent_mean, mean), (self.latent_std, std)):
+            v = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+            buf.copy_(v.expand(C) if v.numel() == 1 else v.reshape(C))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """(…, C) -> ``(z − μ)·scale/σ``."""
+        return (z - self.latent_mean.to(z)) * self.config.scale_factor / self.latent_std.to(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std.to(z) / self.config.scale_factor + self.latent_mean.to(z)
+
+    def tokenize(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, g, g) (posterior mean, or a sample)."""
+        moments = self.encode(images)
+        C = self.token_channels
+        if sample:
+            t = torch.zeros(images.shape[0], device=images.device, dtype=torch.float32)
+            z = ops.posterior_flow(moments, t, 0.0, sample_posterior=True)[0]
+        else:
+            z = moments[..., :C]
+        z = self.normalize(z)
+        return z.transpose(1, 2).reshape(z.shape[0], C, self.grid, self.grid)
+
+    def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, g, g) or (B, N, C) -> images (B, 3, H, W) in [0, 1]."""
+        z = self.denormalize(self._tokens(tokens))
+        return torch.clamp(self.decoder(z) * 0.5 + 0.5, 0.0, 1.0)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.detokenize(self.tokenize(images))
+
+    # ---------------------------------------------------------------- teachers
+
+    def attach_teachers(self, teachers: dict[str, nn.Module]) -> None:
+        """Frozen teachers (``forward(images in [-1, 1]) -> (B, N, width)``) used by the training
+        forward.  They are kept outside the state dict and the parameter list."""
+        for name, t in teachers.items():
+            if name not in self.sem_decoders:
+                raise KeyError(f"RecTok: teacher {name!r} has no semantic decoder; have {list(self.sem_decoders)}")
+            want = self.config.teachers[name]
+            if getattr(t, "width", want) != want:
+                raise ValueError(f"RecTok: teacher {name!r} has width {t.width}, the semantic decoder predicts {want}")
+            t.eval().requires_grad_(False)
+        self.teachers = dict(teachers)
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each attached teacher's patch features (B, N, width), fp32."""
+        return {name: t(images).float() for name, t in self.teachers.items()}
+
+    # ---------------------------------------------------------------- training forward
+
+    def _sem_loss(self, pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        c = self.config
+        sel = None
+        if c.sem_target == "reconstruction":
+            sel = (
+                token_mask
+                if token_mask is not None
+                else torch.zeros(pred.shape[:2], dtype=torch.bool, device=pred.device)
+            )
+        elif c.sem_target == "align" and token_mask is not None:
+            sel = ~token_mask
+        if c.sem_loss == "cosine":
+            return ops.cosine_align_loss(pred, target, mask=sel)
+        target = target.detach().float()
+        err = (pred.float() - target).abs() if c.sem_loss == "l1" else (pred.float() - target).pow(2)
+        per_token = err.mean(-1)
+        if sel is None:
+            return per_token.mean()
+        w = sel.to(per_token.dtype)
+        return (per_token * w).sum() / w.sum().clamp_min(1.0)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: Mask | tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        t: torch.Tensor | None = None,
+        noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+        teacher_features: dict[str, torch.Tensor] | None = None,
+    ) -> RecTokOutput | torch.Tensor:
+        """Training: masking, posterior sample, flow interpolation, both decoders and the semantic loss.
+
+        Args:
+            images: (B, 3, H, W) in [-1, 1].
+            mask: a :class:`Mask` (``ids_keep`` (B, K), ``ids_restore`` (B, N)); drawn with
+                :meth:`sample_mask` when None (eager only: under ``torch.compile`` pass it in).
+                ``Mask(None, None)`` disables masking.
+            t: (B,) flow times; drawn from the noise schedule when None.
+            noise: ``(eps_post, eps_flow)`` each (B, K, C); drawn on the device when None.
+            teacher_features: name -> (B, N, width) targets; computed by the attached teachers when None.
+
+        Returns:
+            :class:`RecTokOutput` in training mode; in eval mode the reconstruction from the
+            posterior mean (B, 3, H, W).
+        """
+        if not self.training:
+            return self.decode(self.posterior_mean(self.encode(images)))
+        c = self.config
+        B = images.shape[0]
+        if mask is None and c.mask_ratio > 0:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "RecTok.forward under torch.compile: draw the mask outside the compiled region and pass it "
+                    "in: `model(images, mask=model.sample_mask(B, device))`"
+                )
+            mask = self.sample_mask(B, images.device)
+        ids_keep, ids_restore = (None, None) if mask is None else mask
+        moments = self.encode(images, ids_keep)
+        flow = c.gamma > 0
+        if t is None:
+            if flow:
+                t = ops.sample_time(B, c.noise_schedule, shift=self.timestep_shift, device=images.device)
+            else:
+                t = torch.zeros(B, device=images.device)
+        z, z_t, kl = ops.posterior_flow(moments, t, c.gamma, noise=noise, sample_posterior=True)
+        token_mask = None
+        if ids_restore is not None:
+            token_mask = ids_restore >= ids_keep.shape[1]
+        reconstruction = self.decoder(z_t, ids_restore)
+
+        sem_in = z_t if c.sem_input_type == "noisy" else z
+        sem_pred = {name: dec(sem_in, ids_restore) for name, dec in self.sem_decoders.items()}
+        if teacher_features is None and self.teachers:
+            teacher_features = self.teacher_features(images)
+        teacher_features = teacher_features or {}
+        sem_losses = {
+            name: self._sem_loss(sem_pred[name], teacher_features[name], token_mask)
+            for name in sem_pred
+            if name in teacher_features
+        }
+        sem_loss = torch.stack(list(sem_losses.values())).mean() if sem_losses else None
+        return RecTokOutput(
+            reconstruction=reconstruction,
+            z=z,
+            z_t=z_t,
+            kl=kl.mean(),
+            t=t if flow else None,
+            sem_pred=sem_pred,
+            sem_target=teacher_features,
+            sem_losses=sem_losses,
+            sem_loss=sem_loss,
+            ids_keep=ids_keep,
+            ids_restore=ids_restore,
+            token_mask=token_mask,
+        )
+
+    def freeze_all_but_decoder(self) -> None:
+        """Stage 2: only the pixel decoder trains (no masking, γ = 0 is set by the recipe)."""
+        self.requires_grad_(False)
+        self.decoder.requires_grad_(True)
+
+    # ---------------------------------------------------------------- loading / saving
+
+    @classmethod
+    def config_from_state_dict(cls, sd: dict[str, torch.Tensor], **overrides: Any) -> RecTokConfig:
+        """Infer sizes, channels, image size and semantic decoders from parameter shapes.
+
+        Head counts are not in the shapes: they come from the width (the official size table:
+        192 → 4, 512 → 8, 768 → 12, 1024/1152/1280 → 16, otherwise head dim 64) unless given as
+        ``encoder=``/``decoder=``/``sem_decoder=`` ``(width, depth, heads)`` overrides.
+        """
+        if "encoder.sem_cls_token_embedding" in sd:
+            raise ValueError("RecTok.from_official: checkpoints with a learnable CLS token are not supported")
+        if "encoder.patch_embed.0.weight" not in sd:
+            raise ValueError(
+                "RecTok.from_official: no `encoder.patch_embed.0.weight` in the state dict; is this a RecTok checkpoint?"
+            )
+        pw = sd["encoder.patch_embed.0.weight"]
+        patch = int(pw.shape[-1])
+        n_tok = int(sd["encoder.positional_embedding"].shape[1])
+        grid = math.isqrt(n_tok)
+        if grid * grid != n_tok:
+            raise ValueError(f"RecTok.from_official: {n_tok} position embeddings do not form a square grid")
+        C = int(sd["decoder.decoder_embed.weight"].shape[1])
+        if int(sd["encoder.latent_head.weight"].shape[0]) != 2 * C:
+            raise ValueError(
+                "RecTok.from_official: latent_head does not output 2C moments (disable_kl models are not supported)"
+            )
+
+        def trunk(prefix: str) -> tuple[int, int, int]:
+            width = int(sd[f"{prefix}.ln_pre.weight"].shape[0])
+            depth = 0
+            while f"{prefix}.transformer.{depth}.norm1.weight" in sd:
+                depth += 1
+            return width, depth, _HEADS_BY_WIDTH.get(width, max(1, width // 64))
+
+        teachers: dict[str, int] = {}
+        sem_size = None
+        for key in sd:
+            if key.startswith("sem_decoders.") and key.endswith(".out.weight"):
+                name = key[len("sem_decoders.") : -len(".out.weight")]
+                teachers[name] = int(sd[key].shape[0])
+                sem_size = trunk(f"sem_decoders.{name}")
+            elif key.startswith("sem_decoders.") and ".mlp." in key and ".transformer." not in key:
+                raise ValueError("RecTok.from_official: MLP semantic decoders are not supported")
+        cfg: dict[str, Any] = dict(
+            img_size=grid * patch,
+            patch_size=patch,
+            token_channels=C,
+            encoder=trunk("encoder"),
+            decoder=trunk("decoder"),
+            sem_decoder=sem_size or "tiny",
+            teachers=teachers,
+            qk_norm="encoder.transformer.0.attn.q_norm.weight" in sd,
+        )
+        cfg.update(overrides)
+        return RecTokConfig(**cfg)
+
+    @classmethod
+    def from_official(cls, obj: str | os.PathLike | dict, use_ema: bool = True, **overrides: Any) -> RecTok:
+        """Load a released checkpoint: a path to the official ``.pth``, a loaded checkpoint dict
+        (``{"model": …, "model_ema": …}``) or a bare state dict.  The configuration is inferred from
+        the shapes (:meth:`config_from_state_dict`); frozen teacher weights
+        (``sem_foundation_models.*``) are ignored.  Returns the model in eval mode on the CPU."""
+        sd = _official_state_dict(obj, use_ema)
+        cfg = cls.config_from_state_dict(sd, **overrides)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        model._reset_buffers()
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        missing = [k for k in missing if k not in ("latent_mean", "latent_std")]
+        if missing or unexpected:
+            raise ValueError(
+                f"RecTok.from_official: state dict mismatch; missing {missing[:8]}, unexpected {unexpected[:8]}"
+            )
+        return model.eval()
+
+    def _reset_buffers(self) -> None:
+        """Rebuild non-persistent buffers (RoPE tables) and the stats after ``to_empty``."""
+        for mod in self.modules():
+            if isinstance(mod, _Trunk):
+                hd = mod.transformer[0].attn.head_dim if len(mod.transformer) else 4
+                mod.rope_table = rectok_rope_table(hd, self.grid, device=mod.rope_table.device)
+        with torch.no_grad():
+            self.latent_mean.zero_()
+            self.latent_std.fill_(1.0)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (weights + latent statistics) to ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        cfg = asdict(self.config)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({"model_type": "rectok", **cfg}, f, indent=2)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(sd, os.path.join(directory, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> RecTok:
+        """Load what :meth:`save_pretrained` wrote; returns the model in eval mode."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as f:
+            cfg = json.load(f)
+        if cfg.pop("model_type", "rectok") != "rectok":
+            raise ValueError(f"RecTok.from_pretrained: {directory} does not hold a RecTok model")
+        for key in ("encoder", "decoder", "sem_decoder"):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = tuple(cfg[key])
+        cfg.update(overrides)
+        model = cls(RecTokConfig(**cfg))
+        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+        return model.eval()
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _official_state_dict(obj: Any, use_ema: bool) -> dict[str, torch.Tensor]:
+    if isinstance(obj, (str, os.PathLike)):
+        if not os.path.exists(obj):
+            raise FileNotFoundError(f"RecTok.from_official: no checkpoint at {obj!r}")
+        try:
+            obj = torch.load(obj, map_location="cpu", weights_only=True)
+        except Exception:  # official checkpoints also pickle the argparse namespace
+            logger.warning(
+                "RecTok.from_official: %s needs a full unpickle (weights_only=False); only load trusted files", obj
+            )
+            obj = torch.load(obj, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict):
+        raise TypeError(
+            f"RecTok.from_official: expected a path, a checkpoint dict or a state dict, got {type(obj).__name__}"
+        )
+    if use_ema and isinstance(obj.get("model_ema"), dict):
+        sd = obj["model_ema"]
+    elif isinstance(obj.get("model"), dict):
+        sd = obj["model"]
+    elif isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        if k.startswith("sem_foundation_models.") or not isinstance(v, torch.Tensor):
+            continue
+        out[k] = v
+    return out
+
+
+def rectok(size: str = "base", **kwargs: Any) -> RecTok:
+    """A fresh RecTok with encoder and pixel decoder of one named size (``tiny`` … ``large``)."""
+    return RecTok(RecTokConfig(encoder=size, decoder=size, **kwargs))
+
+
+RECTOK_MODELS = {
+    "RecTok-T": lambda **kw: rectok("tiny", **kw),
+    "RecTok-S": lambda **kw: rectok("small", **kw),
+    "RecTok-B": lambda **kw: rectok("base", **kw),
+    "RecTok-L": lambda **kw: rectok("large", **kw),
+    "rectok_BB": lambda **kw: rectok("base", **kw),
+}
