@@ -22,8 +22,9 @@ def cosine_align_loss(
     """
     if not grad_target:
         target = target.detach()
-    if upcast:
-        pred, target = pred.float(), target.float()
+    if upcast:  # to fp32; fp64 stays fp64
+        pred = pred if pred.dtype == torch.float64 else pred.float()
+        target = target if target.dtype == torch.float64 else target.float()
     pn = pred.norm(dim=-1).clamp_min(EPS)
     tn = target.norm(dim=-1).clamp_min(EPS)
     cos = (pred * target).sum(-1) / (pn * tn)
