@@ -1,2 +1,193 @@
-// placeholder, replaced by the patch-op CUDA kernels
+// CUDA kernels of rectok_fast::patchify / rectok_fast::unpatchify.
+//
+// Layout (both contiguous):
+//   image  (B, C, H, W)             H = gh*p, W = gw*p
+//   tokens (B, T, C, p, p)          = (B, T, C*p*p); T = gh*gw, or K with ids_keep (B, K)
+// Token (b, t) is grid cell n = ids_keep[b, t] (or t), gy = n / gw, gx = n % gw, and its element
+// (c, py, px) is image[b, c, gy*p + py, gx*p + px].
+//
+// The ops are pure copies, so the kernel moves "units" of U bytes (U in {2, 4, 8, 16}, i.e. up to
+// 128-bit vector loads/stores): U is the largest width such that p*E, W*E and both base pointers
+// are multiples of U (E = element size), so a unit never straddles a patch row.  One thread per
+// token unit; thread i handles token unit i, so the token side is fully coalesced, and on the
+// image side a warp reads/writes runs of p*E contiguous bytes (64 B for fp32 at p = 16).
+// Index math is int32 when every offset fits, else int64 (template).  The kernel is dtype-agnostic;
+// the dtype is checked against fp32/fp64/fp16/bf16.  Out-of-range ids never touch memory: the
+// patchify output for such a token is zero and unpatchify skips it (the Python launcher range-checks
+// ids before launch, so this is only a guard against crashes, not a silent path).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace rectok_fast {
+namespace {
+
+#define RF_CHECK_CUDA(x, name) TORCH_CHECK((x).is_cuda(), name " must be a CUDA tensor, got ", (x).device())
+#define RF_CHECK_CONTIGUOUS(x, name) TORCH_CHECK((x).is_contiguous(), name " must be contiguous")
+#define RF_CHECK_FLOAT(x, name)                                                                          \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kDouble ||                     \
+                  (x).scalar_type() == at::kHalf || (x).scalar_type() == at::kBFloat16,                  \
+              name " must be float32/float64/float16/bfloat16, got ", (x).scalar_type())
+
+constexpr int kThreads = 256;
+
+// kToTokens: image -> tokens (patchify), else tokens -> image (unpatchify).  All sizes in units
+// except p, C, T, gw, n_cells.  Pointers:
+//   image  (B, C, H, Wu) units       tokens (B*T*C*p*pu) units       ids (B, T) int64 or nullptr
+template <typename Unit, typename Index, bool kToTokens>
+__global__ void patch_copy_kernel(Unit* __restrict__ image, Unit* __restrict__ tokens,
+                                  const int64_t* __restrict__ ids, int64_t total, Index T, Index C, Index p,
+                                  Index pu, Index H, Index Wu, Index gw, Index n_cells) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i64 < total; i64 += stride) {
+    const Index i = static_cast<Index>(i64);
+    Index r = i / pu;
+    const Index pxu = i - r * pu;
+    Index q = r / p;
+    const Index py = r - q * p;
+    r = q / C;
+    const Index c = q - r * C;  // r = b*T + t
+    const Index b = r / T;
+    const Index t = r - b * T;
+    const Index n = ids ? static_cast<Index>(ids[r]) : t;
+    const bool valid = !ids || (ids[r] >= 0 && ids[r] < static_cast<int64_t>(n_cells));
+    const Index gy = n / gw;
+    const Index gx = n - gy * gw;
+    const Index img = ((b * C + c) * H + gy * p + py) * Wu + gx * pu + pxu;
+    if (kToTokens) {
+      Unit v;
+      if (valid) {
+        v = image[img];
+      } else {
+        v = Unit{};
+      }
+      tokens[i] = v;
+    } else if (valid) {
+      image[img] = tokens[i];
+    }
+  }
+}
+
+template <typename Unit, bool kToTokens>
+void launch_typed(const at::Tensor& image, const at::Tensor& tokens, const int64_t* ids, int64_t p, int64_t n_cells,
+                  int64_t E) {
+  constexpr int64_t U = sizeof(Unit);
+  const int64_t V = U / E;  // elements per unit
+  const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
+  const int64_t T = tokens.size(1), gw = W / p;
+  const int64_t pu = p / V, Wu = W / V;
+  const int64_t total = tokens.numel() / V;
+  const int64_t max_off = std::max<int64_t>(image.numel(), tokens.numel()) / V;
+  (void)B;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 30);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  Unit* img = reinterpret_cast<Unit*>(image.data_ptr());
+  Unit* tok = reinterpret_cast<Unit*>(tokens.data_ptr());
+  if (max_off < std::numeric_limits<int32_t>::max() && n_cells < std::numeric_limits<int32_t>::max()) {
+    patch_copy_kernel<Unit, int32_t, kToTokens><<<blocks, kThreads, 0, stream>>>(
+        img, tok, ids, total, int32_t(T), int32_t(C), int32_t(p), int32_t(pu), int32_t(H), int32_t(Wu), int32_t(gw),
+        int32_t(n_cells));
+  } else {
+    patch_copy_kernel<Unit, int64_t, kToTokens>
+        <<<blocks, kThreads, 0, stream>>>(img, tok, ids, total, T, C, p, pu, H, Wu, gw, n_cells);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool kToTokens>
+void launch(const at::Tensor& image, const at::Tensor& tokens, const int64_t* ids, int64_t p, int64_t n_cells) {
+  RF_CHECK_CONTIGUOUS(image, "image");
+  RF_CHECK_CONTIGUOUS(tokens, "tokens");
+  const int64_t E = image.element_size();
+  const int64_t W = image.size(3);
+  const auto a = reinterpret_cast<std::uintptr_t>(image.data_ptr());
+  const auto bptr = reinterpret_cast<std::uintptr_t>(tokens.data_ptr());
+  int64_t U = 16;
+  for (; U > E; U /= 2) {
+    if ((p * E) % U == 0 && (W * E) % U == 0 && a % U == 0 && bptr % U == 0) break;
+  }
+  switch (U) {
+    case 16:
+      launch_typed<uint4, kToTokens>(image, tokens, ids, p, n_cells, E);
+      break;
+    case 8:
+      launch_typed<uint2, kToTokens>(image, tokens, ids, p, n_cells, E);
+      break;
+    case 4:
+      launch_typed<unsigned int, kToTokens>(image, tokens, ids, p, n_cells, E);
+      break;
+    default:
+      launch_typed<unsigned short, kToTokens>(image, tokens, ids, p, n_cells, E);
+      break;
+  }
+}
+
+at::Tensor check_ids(const at::Tensor& ids, const at::Tensor& like, int64_t B, int64_t K) {
+  RF_CHECK_CUDA(ids, "ids_keep");
+  TORCH_CHECK(ids.device() == like.device(), "ids_keep is on ", ids.device(), " but the data is on ", like.device());
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "ids_keep must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && (K < 0 || ids.size(1) == K), "ids_keep must have shape (", B,
+              ", ", K < 0 ? "K" : std::to_string(K), "), got ", ids.sizes());
+  return ids.contiguous();
+}
+
+at::Tensor patchify_cuda(const at::Tensor& images_in, int64_t p, const std::optional<at::Tensor>& ids_keep) {
+  RF_CHECK_CUDA(images_in, "images");
+  RF_CHECK_FLOAT(images_in, "images");
+  TORCH_CHECK(images_in.dim() == 4, "images must have shape (B, C, H, W), got ", images_in.sizes());
+  TORCH_CHECK(p > 0, "p must be positive, got ", p);
+  const int64_t B = images_in.size(0), C = images_in.size(1), H = images_in.size(2), W = images_in.size(3);
+  TORCH_CHECK(H % p == 0 && W % p == 0, "images spatial size (", H, ", ", W, ") must be divisible by p = ", p);
+  c10::cuda::CUDAGuard guard(images_in.device());
+  const int64_t N = (H / p) * (W / p);
+  at::Tensor ids;
+  if (ids_keep.has_value()) ids = check_ids(*ids_keep, images_in, B, -1);
+  const int64_t T = ids.defined() ? ids.size(1) : N;
+  at::Tensor images = images_in.contiguous();
+  at::Tensor out = at::empty({B, T, C * p * p}, images.options());
+  if (out.numel() == 0) return out;
+  launch<true>(images, out, ids.defined() ? ids.data_ptr<int64_t>() : nullptr, p, N);
+  return out;
+}
+
+at::Tensor unpatchify_cuda(const at::Tensor& tokens_in, int64_t p, int64_t channels, int64_t gh, int64_t gw,
+                           const std::optional<at::Tensor>& ids_keep) {
+  RF_CHECK_CUDA(tokens_in, "tokens");
+  RF_CHECK_FLOAT(tokens_in, "tokens");
+  TORCH_CHECK(tokens_in.dim() == 3, "tokens must have shape (B, T, C*p*p), got ", tokens_in.sizes());
+  TORCH_CHECK(p > 0 && channels > 0 && gh >= 0 && gw >= 0, "need p > 0, channels > 0, gh >= 0, gw >= 0, got p=", p,
+              " channels=", channels, " gh=", gh, " gw=", gw);
+  const int64_t B = tokens_in.size(0), T = tokens_in.size(1), N = gh * gw;
+  TORCH_CHECK(tokens_in.size(2) == channels * p * p, "tokens last dim must be channels*p*p = ", channels * p * p,
+              ", got ", tokens_in.size(2));
+  c10::cuda::CUDAGuard guard(tokens_in.device());
+  at::Tensor ids;
+  if (ids_keep.has_value()) {
+    ids = check_ids(*ids_keep, tokens_in, B, T);
+  } else {
+    TORCH_CHECK(T == N, "tokens must have gh*gw = ", N, " tokens, got ", T);
+  }
+  at::Tensor tokens = tokens_in.contiguous();
+  auto opts = tokens.options();
+  // With ids_keep the cells no token lands on stay zero; without, every element is written.
+  at::Tensor out = ids.defined() ? at::zeros({B, channels, gh * p, gw * p}, opts)
+                                 : at::empty({B, channels, gh * p, gw * p}, opts);
+  if (tokens.numel() == 0) return out;
+  launch<false>(out, tokens, ids.defined() ? ids.data_ptr<int64_t>() : nullptr, p, N);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rectok_fast, CUDA, m) {
+  m.impl("patchify", &patchify_cuda);
+  m.impl("unpatchify", &unpatchify_cuda);
+}
+
+}  // namespace rectok_fast
