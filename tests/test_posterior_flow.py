@@ -1,0 +1,305 @@
+"""posterior_flow (Triton, in-kernel Philox noise) against the PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_fa_rule
+
+import rectok_fast
+from rectok_fast.ops.posterior_flow import default_shift, flow_noise, posterior_flow, sample_time, shift_time
+from rectok_fast.reference.posterior_flow import posterior_flow as ref_posterior_flow
+
+_REF_DIRS = [
+    os.environ.get("RECTOK_FAST_REFERENCE_DIR", ""),
+    "/work/shared/reference",
+    str(Path(__file__).parents[1] / "shared" / "reference"),
+]
+GOLDEN = next(
+    (Path(d) / "golden_rectok_tiny.pt" for d in _REF_DIRS if d and (Path(d) / "golden_rectok_tiny.pt").exists()),
+    Path("/nonexistent"),
+)
+SHAPES = [(2, 1, 3), (1, 7, 129), (2, 257, 3)]
+
+
+def _inputs(B, N, C, device, dtype=torch.float32, spread=1.5):
+    moments = (torch.randn(B, N, 2 * C) * spread).to(device=device, dtype=dtype)
+    t = torch.rand(B, device=device)
+    return moments, t
+
+
+def _run(fn, moments, t, grads, **kw):
+    m = moments.detach().clone().requires_grad_()
+    tt = t.detach().clone().requires_grad_()
+    out = fn(m, tt, **kw)
+    torch.autograd.backward(out, grads)
+    return out, m.grad, tt.grad
+
+
+def _grads(B, N, C, device):
+    return (torch.randn(B, N, C, device=device), torch.randn(B, N, C, device=device), torch.randn(B, device=device))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("sample_posterior", [True, False])
+def test_seed_matches_reference_on_flow_noise_fp32(kernel_device, shape, gamma, sample_posterior):
+    B, N, C = shape
+    moments, t = _inputs(B, N, C, kernel_device)
+    grads = _grads(B, N, C, kernel_device)
+    noise = flow_noise(1234, shape, kernel_device)
+    out, dm, dt = _run(
+        posterior_flow, moments, t, grads, gamma=gamma, seed=1234, sample_posterior=sample_posterior, backend="triton"
+    )
+    assert rectok_fast.last_backend("posterior_flow") == "triton"
+    ref, rdm, rdt = _run(
+        ref_posterior_flow, moments, t, grads, gamma=gamma, noise=noise, sample_posterior=sample_posterior
+    )
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dm, rdm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_noise_matches_reference(kernel_device):
+    B, N, C = 2, 13, 5
+    moments, t = _inputs(B, N, C, kernel_device)
+    noise = (torch.randn(B, N, C, device=kernel_device), torch.randn(B, N, C, device=kernel_device))
+    grads = _grads(B, N, C, kernel_device)
+    out, dm, dt = _run(posterior_flow, moments, t, grads, gamma=0.7, noise=noise, backend="triton")
+    ref, rdm, rdt = _run(ref_posterior_flow, moments, t, grads, gamma=0.7, noise=noise)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dm, rdm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_fa_rule(kernel_device, dtype):
+    B, N, C = 2, 7, 129
+    moments, t = _inputs(B, N, C, kernel_device, dtype=dtype)
+    grads = _grads(B, N, C, kernel_device)
+    noise = flow_noise(7, (B, N, C), kernel_device)
+    out, dm, dt = _run(
+        posterior_flow, moments, t, [g.to(dtype) if g.dim() == 3 else g for g in grads], seed=7, backend="triton"
+    )
+    assert out[0].dtype == dtype and out[1].dtype == dtype and out[2].dtype == torch.float32
+    low, ldm, ldt = _run(
+        ref_posterior_flow, moments, t, [g.to(dtype) if g.dim() == 3 else g for g in grads], noise=noise
+    )
+    hi, hdm, hdt = _run(ref_posterior_flow, moments.float(), t, grads, noise=noise)
+    for o, lo_, h in zip(out[:2], low[:2], hi[:2]):
+        assert_fa_rule(o, lo_, h)
+    # the KL is computed in fp32 by every path: only the summation order differs
+    torch.testing.assert_close(out[2], hi[2], rtol=1e-5, atol=1e-4)
+    assert_fa_rule(dm, ldm, hdm, factor=3.0)
+    assert_fa_rule(dt, ldt, hdt, factor=3.0, atol=1e-4)
+
+
+def test_non_contiguous_moments(kernel_device):
+    B, N, C = 2, 9, 6
+    base = torch.randn(B, 2 * C, N, device=kernel_device)
+    moments = base.transpose(1, 2)  # (B, N, 2C), channel stride N
+    assert not moments.is_contiguous()
+    t = torch.rand(B, device=kernel_device)
+    grads = _grads(B, N, C, kernel_device)
+    out, dm, dt = _run(posterior_flow, moments, t, grads, seed=3, backend="triton")
+    ref, rdm, rdt = _run(ref_posterior_flow, moments, t, grads, noise=flow_noise(3, (B, N, C), kernel_device))
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dm, rdm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
+
+
+def test_logvar_clamp_zeroes_grad(kernel_device):
+    B, N, C = 1, 4, 3
+    moments = torch.randn(B, N, 2 * C, device=kernel_device)
+    moments[0, 0, C:] = 25.0  # above the clamp
+    moments[0, 1, C:] = -40.0  # below the clamp
+    t = torch.rand(B, device=kernel_device)
+    grads = _grads(B, N, C, kernel_device)
+    out, dm, _ = _run(posterior_flow, moments, t, grads, seed=5, backend="triton")
+    ref, rdm, _ = _run(ref_posterior_flow, moments, t, grads, noise=flow_noise(5, (B, N, C), kernel_device))
+    assert torch.all(dm[0, :2, C:] == 0)
+    assert torch.any(dm[0, 2:, C:] != 0)
+    torch.testing.assert_close(dm, rdm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[2], ref[2], rtol=1e-5, atol=1e-3)
+
+
+def test_unused_outputs_get_zero_grads(kernel_device):
+    B, N, C = 2, 3, 4
+    moments, t = _inputs(B, N, C, kernel_device)
+    m = moments.clone().requires_grad_()
+    tt = t.clone().requires_grad_()
+    _, z_t, _ = posterior_flow(m, tt, seed=9, backend="triton")
+    z_t.sum().backward()
+    m2 = moments.clone().requires_grad_()
+    t2 = t.clone().requires_grad_()
+    _, r_t, _ = ref_posterior_flow(m2, t2, noise=flow_noise(9, (B, N, C), kernel_device))
+    r_t.sum().backward()
+    torch.testing.assert_close(m.grad, m2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tt.grad, t2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_seed_int_and_tensor_agree_and_determinism(kernel_device):
+    B, N, C = 2, 5, 3
+    moments, t = _inputs(B, N, C, kernel_device)
+    a = posterior_flow(moments, t, seed=42, backend="triton")
+    b = posterior_flow(moments, t, seed=torch.tensor(42, device=kernel_device), backend="triton")
+    c = posterior_flow(moments, t, seed=43, backend="triton")
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[1], c[1])
+    d = posterior_flow(moments, t, backend="triton")  # seed drawn from the default generator
+    e = posterior_flow(moments, t, backend="triton")
+    assert not torch.equal(d[0], e[0])
+
+
+def test_reference_backend_with_seed_is_deterministic():
+    B, N, C = 2, 5, 3
+    moments, t = _inputs(B, N, C, "cpu")
+    a = posterior_flow(moments, t, seed=8, backend="reference")
+    assert rectok_fast.last_backend("posterior_flow") == "reference"
+    b = posterior_flow(moments, t, seed=torch.tensor([8]), backend="reference")
+    c = posterior_flow(moments, t, seed=9, backend="reference")
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="golden_rectok_tiny.pt not found (set RECTOK_FAST_REFERENCE_DIR)")
+def test_golden_flow_zt_bit_exact(kernel_device):
+    g = torch.load(GOLDEN, weights_only=False)["outputs"]
+    moments = g["moments"].to(kernel_device)
+    eps = g["flow_eps"].to(kernel_device)
+    t = g["flow_t"].reshape(-1).to(kernel_device)
+    C = moments.shape[-1] // 2
+    z, z_t, kl = posterior_flow(
+        moments, t, 1.0, noise=(torch.zeros_like(eps), eps), sample_posterior=False, backend="triton"
+    )
+    torch.testing.assert_close(z_t.cpu(), g["flow_zt"], rtol=0, atol=0)
+    torch.testing.assert_close(z.cpu(), g["moments"][..., :C], rtol=0, atol=0)
+    _, _, rkl = ref_posterior_flow(moments, t, 1.0, noise=(torch.zeros_like(eps), eps), sample_posterior=False)
+    torch.testing.assert_close(kl, rkl, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="golden_rectok_tiny.pt not found (set RECTOK_FAST_REFERENCE_DIR)")
+def test_golden_shift_schedule():
+    g = torch.load(GOLDEN, weights_only=False)
+    out, cfg = g["outputs"], g["config"]
+    grid = cfg["img_size"] // cfg["patch_size"]
+    assert default_shift(grid, cfg["token_channels"]) == pytest.approx(float(out["shift"]), rel=1e-6)
+    torch.testing.assert_close(shift_time(out["shift_u"], float(out["shift"])), out["shift_t"], rtol=0, atol=0)
+
+
+def test_sample_time_schedules():
+    gen = torch.Generator().manual_seed(0)
+    for schedule in ("uniform", "lognorm", "shift"):
+        t = sample_time(4096, schedule, shift=3.0, generator=gen)
+        assert t.shape == (4096,) and t.dtype == torch.float32
+        assert bool((t >= 0).all() and (t <= 1).all())
+    # shift s > 1 moves mass towards t = 1 (noise)
+    assert sample_time(4096, "shift", shift=3.0, generator=gen).mean() > 0.6
+    with pytest.raises(ValueError, match="schedule"):
+        sample_time(4, "cosine")
+
+
+def test_validation_errors():
+    moments = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="`t`"):
+        posterior_flow(moments, torch.rand(3))
+    with pytest.raises(ValueError, match="even"):
+        posterior_flow(torch.randn(2, 3, 7), torch.rand(2))
+    with pytest.raises(ValueError, match="`moments`"):
+        posterior_flow(torch.randn(2, 8), torch.rand(2))
+    with pytest.raises(TypeError, match="`moments`"):
+        posterior_flow(torch.ones(2, 3, 8, dtype=torch.int64), torch.rand(2))
+    with pytest.raises(ValueError, match=r"noise\[1\]"):
+        posterior_flow(moments, torch.rand(2), noise=(torch.randn(2, 3, 4), torch.randn(2, 3, 5)))
+    with pytest.raises(ValueError, match="either"):
+        posterior_flow(moments, torch.rand(2), noise=(torch.randn(2, 3, 4),) * 2, seed=1)
+    with pytest.raises(ValueError, match="`t`"):
+        posterior_flow(moments, torch.rand(2, device="meta"))
+    with pytest.raises(ValueError, match="`seed`"):
+        posterior_flow(moments, torch.rand(2), seed=torch.tensor([1, 2]), backend="triton")
+    with pytest.raises(TypeError, match="`seed`"):
+        posterior_flow(moments, torch.rand(2), seed=1.5, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        posterior_flow(moments, torch.rand(2), backend="cuda")
+
+
+def test_opcheck(kernel_device):
+    B, N, C = 2, 3, 4
+    moments, t = _inputs(B, N, C, kernel_device)
+    moments.requires_grad_()
+    t.requires_grad_()
+    seed = torch.tensor([11], device=kernel_device)
+    eps = torch.randn(B, N, C, device=kernel_device)
+    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow.default, (moments, t, seed, None, None, 1.0, True))
+    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow.default, (moments, t, None, eps, eps, 0.5, False))
+    g = (
+        torch.randn(B, N, C, device=kernel_device),
+        torch.randn(B, N, C, device=kernel_device),
+        torch.randn(B, device=kernel_device),
+    )
+    torch.library.opcheck(
+        torch.ops.rectok_fast.posterior_flow_backward.default,
+        (*g, moments.detach(), t.detach(), seed, None, None, 1.0, True),
+    )
+
+
+def test_gradcheck_fp64_reference_and_kernel(kernel_device):
+    B, N, C = 1, 2, 3
+    moments = torch.randn(B, N, 2 * C, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    t = torch.rand(B, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    e1, e2 = (e.double() for e in flow_noise(21, (B, N, C), kernel_device))
+    # kl is fp32 by definition (too coarse for finite differences): checked against autograd above
+    assert torch.autograd.gradcheck(lambda m, tt: ref_posterior_flow(m, tt, 0.8, noise=(e1, e2))[:2], (moments, t))
+    assert torch.autograd.gradcheck(
+        lambda m, tt: posterior_flow(m, tt, 0.8, seed=21, backend="triton")[:2], (moments, t)
+    )
+
+
+def test_backward_consistent_with_forward_noise_finite_difference(kernel_device):
+    """dL/dt from the backward (noise regenerated) equals a central difference of two seeded forwards."""
+    B, N, C = 2, 6, 5
+    moments = torch.randn(B, N, 2 * C, dtype=torch.float64, device=kernel_device)
+    t = torch.rand(B, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    w = torch.randn(B, N, C, dtype=torch.float64, device=kernel_device)
+    (posterior_flow(moments, t, seed=99, backend="triton")[1] * w).sum().backward()
+    h = 1e-6
+    for b in range(B):
+        tp, tm = t.detach().clone(), t.detach().clone()
+        tp[b] += h
+        tm[b] -= h
+        fp = (posterior_flow(moments, tp, seed=99, backend="triton")[1] * w).sum()
+        fm = (posterior_flow(moments, tm, seed=99, backend="triton")[1] * w).sum()
+        assert abs(t.grad[b].item() - ((fp - fm) / (2 * h)).item()) < 1e-6
+
+
+def test_compile_fullgraph(kernel_device):
+    B, N, C = 2, 5, 4
+    moments, t = _inputs(B, N, C, kernel_device)
+    seed = torch.tensor([5], device=kernel_device)
+
+    def f(m, tt, s):
+        z, z_t, kl = posterior_flow(m, tt, 1.0, seed=s, backend="triton")
+        return z_t.sum() + kl.sum() + z.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if kernel_device == "cpu" else "inductor")
+    m1, t1 = moments.clone().requires_grad_(), t.clone().requires_grad_()
+    m2, t2 = moments.clone().requires_grad_(), t.clone().requires_grad_()
+    out_c = compiled(m1, t1, seed)
+    out_e = f(m2, t2, seed)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(m1.grad, m2.grad)
+    torch.testing.assert_close(t1.grad, t2.grad)
+
+
+def test_auto_backend_on_cpu_is_reference():
+    moments, t = _inputs(1, 2, 3, "cpu")
+    posterior_flow(moments, t, seed=1)
+    assert rectok_fast.last_backend("posterior_flow") == "reference"
