@@ -1,0 +1,233 @@
+"""flow_matching_xt / flow_matching_loss (Triton, in-kernel x0) against the PyTorch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_fa_rule
+
+import rectok_fast
+from rectok_fast.ops.flow_matching import flow_matching_loss, flow_matching_noise, flow_matching_xt
+from rectok_fast.reference.flow_matching import flow_matching_loss as ref_loss
+from rectok_fast.reference.flow_matching import flow_matching_xt as ref_xt
+
+SHAPES = [(1, 1), (2, 7), (3, 257), (2, 129, 3), (2, 4, 5, 7)]
+
+
+def _leaf(x):
+    return x.detach().clone().requires_grad_()
+
+
+def _xt_and_grads(fn, x1, t, g, **kw):
+    a, tt = _leaf(x1), _leaf(t)
+    out = fn(a, tt, **kw)
+    out.backward(g)
+    return out, a.grad, tt.grad
+
+
+def _loss_and_grads(fn, pred, x1, t, *args, **kw):
+    p, a = _leaf(pred), _leaf(x1)
+    out = fn(p, a, t, *args, **kw)
+    out.backward()
+    return out, p.grad, a.grad
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_xt_seed_matches_reference_fp32(kernel_device, shape):
+    x1 = torch.randn(shape, device=kernel_device)
+    t = torch.rand(shape[0], device=kernel_device)
+    g = torch.randn(shape, device=kernel_device)
+    x0 = flow_matching_noise(77, shape, kernel_device)
+    out, dx1, dt = _xt_and_grads(flow_matching_xt, x1, t, g, seed=77, backend="triton")
+    assert rectok_fast.last_backend("flow_matching_xt") == "triton"
+    ref, rdx1, rdt = _xt_and_grads(lambda a, tt: ref_xt(a, tt, x0), x1, t, g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # same op order, no FMA contraction
+    torch.testing.assert_close(dx1, rdx1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_loss_seed_matches_reference_fp32(kernel_device, shape):
+    x1 = torch.randn(shape, device=kernel_device)
+    pred = torch.randn(shape, device=kernel_device)
+    t = torch.rand(shape[0], device=kernel_device)
+    x0 = flow_matching_noise(78, shape, kernel_device)
+    out, dp, dx1 = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=78, backend="triton")
+    assert out.dtype == torch.float32 and out.dim() == 0
+    ref, rdp, rdx1 = _loss_and_grads(ref_loss, pred, x1, t, x0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp, rdp, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dx1, rdx1, rtol=1e-5, atol=1e-7)
+
+
+def test_explicit_noise_matches_reference(kernel_device):
+    shape = (3, 5, 6)
+    x1, pred, x0 = (torch.randn(shape, device=kernel_device) for _ in range(3))
+    t = torch.rand(3, device=kernel_device)
+    g = torch.randn(shape, device=kernel_device)
+    out, dx1, dt = _xt_and_grads(flow_matching_xt, x1, t, g, noise=x0, backend="triton")
+    ref, rdx1, rdt = _xt_and_grads(lambda a, tt: ref_xt(a, tt, x0), x1, t, g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx1, rdx1)
+    loss, dp, dx = _loss_and_grads(flow_matching_loss, pred, x1, t, noise=x0, backend="triton")
+    rloss, rdp, rdx = _loss_and_grads(ref_loss, pred, x1, t, x0)
+    torch.testing.assert_close(loss, rloss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp, rdp)
+    torch.testing.assert_close(dx, rdx)
+
+
+def test_xt_and_loss_share_x0(kernel_device):
+    """With the same seed the loss sees the x0 that built x_t: pred = x1 − x0 gives zero loss."""
+    shape = (2, 3, 17)
+    x1 = torch.randn(shape, device=kernel_device)
+    t = torch.full((2,), 0.0, device=kernel_device)
+    seed = torch.tensor([5], device=kernel_device)
+    x0 = flow_matching_xt(x1, t, seed=seed, backend="triton")  # t = 0: x_t = x0
+    assert torch.equal(x0, flow_matching_noise(5, shape, kernel_device))
+    assert flow_matching_loss(x1 - x0, x1, t, seed=seed, backend="triton").item() < 1e-12
+    assert flow_matching_loss(x1 - x0, x1, t, seed=6, backend="triton").item() > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_fa_rule(kernel_device, dtype):
+    shape = (2, 129, 3)
+    x1 = torch.randn(shape, device=kernel_device)
+    pred = torch.randn(shape, device=kernel_device)
+    t = torch.rand(2, device=kernel_device)
+    g = torch.randn(shape, device=kernel_device)
+    x0 = flow_matching_noise(3, shape, kernel_device)
+    lo = [x.to(dtype) for x in (x1, pred, g)]
+    out, dx1, dt = _xt_and_grads(flow_matching_xt, lo[0], t, lo[2], seed=3, backend="triton")
+    assert out.dtype == dtype
+    low, ldx1, ldt = _xt_and_grads(lambda a, tt: ref_xt(a, tt, x0.to(dtype)), lo[0], t, lo[2])
+    hi, hdx1, hdt = _xt_and_grads(lambda a, tt: ref_xt(a, tt, x0), lo[0].float(), t, lo[2].float())
+    assert_fa_rule(out, low, hi)
+    assert_fa_rule(dx1, ldx1, hdx1, factor=3.0)
+    assert_fa_rule(dt, ldt, hdt, factor=3.0, atol=1e-4)
+    loss, dp, dx = _loss_and_grads(flow_matching_loss, lo[1], lo[0], t, seed=3, backend="triton")
+    lloss, ldp, ldx = _loss_and_grads(ref_loss, lo[1], lo[0], t, x0.to(dtype))
+    hloss, hdp, hdx = _loss_and_grads(ref_loss, lo[1].float(), lo[0].float(), t, x0)
+    assert_fa_rule(loss, lloss, hloss)
+    assert_fa_rule(dp, ldp, hdp, factor=3.0)
+    assert_fa_rule(dx, ldx, hdx, factor=3.0)
+
+
+def test_non_contiguous_inputs(kernel_device):
+    x1 = torch.randn(3, 6, 5, device=kernel_device).transpose(1, 2)  # (3, 5, 6) non-contiguous
+    pred = torch.randn(3, 5, 12, device=kernel_device)[..., ::2]  # (3, 5, 6) strided
+    assert not x1.is_contiguous() and not pred.is_contiguous()
+    t = torch.rand(3, device=kernel_device)
+    g = torch.randn(x1.shape, device=kernel_device)
+    x0 = flow_matching_noise(4, x1.shape, kernel_device)
+    out, dx1, dt = _xt_and_grads(flow_matching_xt, x1, t, g, seed=4, backend="triton")
+    ref, rdx1, rdt = _xt_and_grads(lambda a, tt: ref_xt(a, tt, x0), x1, t, g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx1, rdx1)
+    torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
+    loss, dp, dx = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=4, backend="triton")
+    rloss, rdp, rdx = _loss_and_grads(ref_loss, pred, x1, t, x0)
+    torch.testing.assert_close(loss, rloss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp, rdp)
+    torch.testing.assert_close(dx, rdx)
+
+
+def test_seed_int_tensor_and_default(kernel_device):
+    x1 = torch.randn(2, 9, device=kernel_device)
+    t = torch.rand(2, device=kernel_device)
+    a = flow_matching_xt(x1, t, seed=12, backend="triton")
+    b = flow_matching_xt(x1, t, seed=torch.tensor(12, device=kernel_device), backend="triton")
+    c = flow_matching_xt(x1, t, seed=13, backend="triton")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = flow_matching_xt(x1, t, backend="triton")
+    e = flow_matching_xt(x1, t, backend="triton")
+    assert not torch.equal(d, e)
+
+
+def test_reference_backend_seeded():
+    x1, pred = torch.randn(2, 9), torch.randn(2, 9)
+    t = torch.rand(2)
+    a = flow_matching_xt(x1, t, seed=12, backend="reference")
+    assert rectok_fast.last_backend("flow_matching_xt") == "reference"
+    assert torch.equal(a, flow_matching_xt(x1, t, seed=12, backend="reference"))
+    assert not torch.equal(a, flow_matching_xt(x1, t, seed=13, backend="reference"))
+    la = flow_matching_loss(pred, x1, t, seed=12)  # auto on CPU tensors -> reference
+    assert rectok_fast.last_backend("flow_matching_loss") == "reference"
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(12))
+    torch.testing.assert_close(la, ref_loss(pred, x1, t, x0))
+
+
+def test_validation_errors():
+    x1 = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="`t`"):
+        flow_matching_xt(x1, torch.rand(3))
+    with pytest.raises(ValueError, match="`t`"):
+        flow_matching_loss(x1, x1, torch.rand(2, 2))
+    with pytest.raises(ValueError, match="`pred`"):
+        flow_matching_loss(torch.randn(2, 3, 5), x1, torch.rand(2))
+    with pytest.raises(ValueError, match="`noise`"):
+        flow_matching_xt(x1, torch.rand(2), noise=torch.randn(2, 3))
+    with pytest.raises(TypeError, match="`x1`"):
+        flow_matching_xt(torch.ones(2, 3, dtype=torch.int32), torch.rand(2))
+    with pytest.raises(ValueError, match="either"):
+        flow_matching_xt(x1, torch.rand(2), noise=torch.randn_like(x1), seed=1)
+    with pytest.raises(ValueError, match="`t`"):
+        flow_matching_xt(x1, torch.rand(2, device="meta"))
+    with pytest.raises(ValueError, match="`x1`"):
+        flow_matching_xt(torch.tensor(1.0), torch.rand(1))
+
+
+def test_opcheck(kernel_device):
+    x1 = torch.randn(2, 3, 5, device=kernel_device, requires_grad=True)
+    pred = torch.randn(2, 3, 5, device=kernel_device, requires_grad=True)
+    t = torch.rand(2, device=kernel_device, requires_grad=True)
+    seed = torch.tensor([3], device=kernel_device)
+    x0 = torch.randn(2, 3, 5, device=kernel_device)
+    ops = torch.ops.rectok_fast
+    torch.library.opcheck(ops.flow_matching_xt.default, (x1, t, seed, None))
+    torch.library.opcheck(ops.flow_matching_xt.default, (x1, t, None, x0))
+    torch.library.opcheck(ops.flow_matching_loss.default, (pred, x1, seed, None))
+    torch.library.opcheck(ops.flow_matching_loss.default, (pred, x1, None, x0))
+    g = torch.randn(2, 3, 5, device=kernel_device)
+    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1.detach(), t.detach(), seed, None))
+    torch.library.opcheck(
+        ops.flow_matching_loss_backward.default,
+        (torch.tensor(1.5, device=kernel_device), pred.detach(), x1.detach(), seed, None),
+    )
+
+
+def test_gradcheck_fp64_reference_and_kernel(kernel_device):
+    x1 = torch.randn(2, 3, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    pred = torch.randn(2, 3, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    t = torch.rand(2, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    x0 = flow_matching_noise(9, (2, 3), kernel_device, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, tt: ref_xt(a, tt, x0), (x1, t))
+    assert torch.autograd.gradcheck(lambda a, tt: flow_matching_xt(a, tt, seed=9, backend="triton"), (x1, t))
+    # the loss is fp32 by definition: gradcheck its fp64 reference math, compare the kernel to autograd above
+    assert torch.autograd.gradcheck(lambda p, a: ((p - (a - x0)) ** 2).mean(), (pred, x1))
+    lp, la = _leaf(pred), _leaf(x1)
+    flow_matching_loss(lp, la, t.detach(), seed=9, backend="triton").backward()
+    rp, ra = _leaf(pred), _leaf(x1)
+    ((rp - (ra - x0)) ** 2).mean().backward()
+    torch.testing.assert_close(lp.grad, rp.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(la.grad, ra.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_compile_fullgraph(kernel_device):
+    x1 = torch.randn(2, 4, 6, device=kernel_device)
+    t = torch.rand(2, device=kernel_device)
+    seed = torch.tensor([1], device=kernel_device)
+    w = torch.randn(2, 4, 6, device=kernel_device)
+
+    def f(a, tt, s):
+        xt = flow_matching_xt(a, tt, seed=s, backend="triton")
+        return flow_matching_loss(xt * w, a, tt, seed=s, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if kernel_device == "cpu" else "inductor")
+    a1, t1, a2, t2 = _leaf(x1), _leaf(t), _leaf(x1), _leaf(t)
+    out_c, out_e = compiled(a1, t1, seed), f(a2, t2, seed)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(t1.grad, t2.grad)
