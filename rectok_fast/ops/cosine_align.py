@@ -26,11 +26,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def row_tile_config(M: int, D: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for row-wise kernels over (M, D) that loop over D.
 
-    On a GPU a tile holds ~4096 elements (BLOCK_D <= 1024, so wide rows loop); under the CPU
-    interpreter, where each program instance costs the same whatever its size, tiles are 16x larger.
+    BLOCK_D <= 1024, so wider rows loop over D.  On a GPU a tile holds ~4096 elements; under the
+    CPU interpreter, where each program instance costs about the same whatever its size, tiles hold
+    up to 16x more rows.
     """
     interp = device.type == "cpu"
-    block_d = min(triton.next_power_of_2(max(D, 1)), 4096 if interp else 1024)
+    block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
     budget = 65536 if interp else 4096
     block_m = max(1, min(budget // block_d, triton.next_power_of_2(max(M, 1))))
     num_warps = 4 if block_m * block_d <= 2048 else 8
