@@ -202,7 +202,7 @@ def posterior_flow_bwd_kernel(
     else:
         z = mean
     dlv = tl.where(pass_lv, dlv, 0.0)
-    d_ptr = DMOMENTS + b * (N * 2 * C) + n[:, None] * (2 * C) + c[None, :]
+    d_ptr = DMOMENTS + (b * N + n[:, None]) * (2 * C) + c[None, :]  # int64: b and n are int64
     tl.store(d_ptr, dmean.to(DMOMENTS.dtype.element_ty), mask=ok)
     tl.store(d_ptr + C, dlv.to(DMOMENTS.dtype.element_ty), mask=ok)
     dt = tl.where(ok, gzt * (gamma * eps2 - z), 0.0).to(tl.float32)  # dz_t/dt = γ·ε₂ − z
