@@ -264,7 +264,8 @@ def _validate(op, x1, t, noise, seed, pred=None):
 
 def _reference_noise(x1: torch.Tensor, seed) -> torch.Tensor:
     gen = reference_generator(seed, x1.device)
-    return torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=gen)
+    kw = {} if gen is None else {"generator": gen}  # generator=None rejects symbolic shapes under compile
+    return torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, **kw)
 
 
 def flow_matching_xt(
