@@ -32,8 +32,10 @@ def posterior_flow(
     mean, logvar = m[..., :C], m[..., C:].clamp(LOGVAR_MIN, LOGVAR_MAX)
     if noise is None:
         shape = mean.shape
-        eps_post = torch.randn(shape, device=m.device, dtype=m.dtype, generator=generator)
-        eps_flow = torch.randn(shape, device=m.device, dtype=m.dtype, generator=generator)
+        # pass ``generator`` only when given: randn(..., generator=None) rejects symbolic shapes under torch.compile
+        gen = {} if generator is None else {"generator": generator}
+        eps_post = torch.randn(shape, device=m.device, dtype=m.dtype, **gen)
+        eps_flow = torch.randn(shape, device=m.device, dtype=m.dtype, **gen)
     else:
         eps_post, eps_flow = (e.to(m.dtype) for e in noise)
     z = mean + torch.exp(0.5 * logvar) * eps_post if sample_posterior else mean

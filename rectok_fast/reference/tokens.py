@@ -39,9 +39,12 @@ def restore_tokens(
     """
     B, K, D = visible.shape
     N = ids_restore.shape[1]
-    mt = mask_token.reshape(1, 1, D).to(visible.dtype).expand(B, N - K, D)
-    full = torch.cat([visible, mt], dim=1)
-    out = torch.gather(full, 1, ids_restore.long().unsqueeze(-1).expand(-1, -1, D))
+    # Same values as cat([visible, N-K mask tokens]).gather(ids_restore), written without a tensor of
+    # N-K rows: under torch.compile with a dynamic K, N-K = 0 or 1 would specialise and recompile.
+    idx = ids_restore.long()
+    taken = torch.gather(visible, 1, idx.clamp(max=K - 1).unsqueeze(-1).expand(-1, -1, D))
+    mt = mask_token.reshape(1, 1, D).to(visible.dtype)
+    out = torch.where((idx < K).unsqueeze(-1), taken, mt)
     if pos is not None:
         out = out + pos.reshape(1, N, D)
     return out
