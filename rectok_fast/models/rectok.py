@@ -3,7 +3,7 @@
 Module and parameter names follow the released checkpoints (``encoder.*``, ``decoder.*``,
 ``sem_decoders.<teacher>.*``), so :meth:`RecTok.from_official` is a shape inference plus a plain
 ``load_state_dict``.  Hot paths go through :mod:`rectok_fast.ops`: the visible-only patch embedding
-(``ops.patchify(images, p, ids_keep)`` then a Linear with the Conv2d weight reshaped), the gather of
+(``patchify(images, p, ids_keep)`` then a Linear with the Conv2d weight reshaped), the gather of
 position embeddings and RoPE rows (``ops.gather_tokens``), the mask-token insertion
 (``ops.restore_tokens``), the posterior + flow interpolation + KL (``ops.posterior_flow``), the flow
 time (``ops.sample_time``), the pixel head's unpatchify (``ops.unpatchify``) and the semantic loss
@@ -29,9 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from ..nn.layers import Block, RMSNorm
 from ..nn.rope import rectok_rope_table
+
+# explicit submodule imports: ``ops.<name>`` is shadowed by the submodule of the same name once
+# that submodule is imported (the package's lazy ``__getattr__`` is then bypassed)
+from ..ops.cosine_align import cosine_align_loss
+from ..ops.patchify import patchify, unpatchify
+from ..ops.posterior_flow import posterior_flow, sample_time
+from ..ops.tokens import gather_tokens, restore_tokens
 
 logger = logging.getLogger("rectok_fast")
 
@@ -180,14 +186,14 @@ class Encoder(_Trunk):
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1]; ids_keep (B, K) or None -> moments (B, K|N, 2C)."""
         conv = self.patch_embed[0]
-        patches = ops.patchify(images, self.patch_size, ids_keep)  # (B, K, 3·p·p), (c, py, px) order
+        patches = patchify(images, self.patch_size, ids_keep)  # (B, K, 3·p·p), (c, py, px) order
         x = F.linear(patches, conv.weight.flatten(1), conv.bias)  # (B, K, width)
         if ids_keep is None:
             x = x + self.positional_embedding
             rope = self.rope_table.unsqueeze(0)
         else:
-            x = x + ops.gather_tokens(self.positional_embedding, ids_keep)
-            rope = ops.gather_tokens(self.rope_table, ids_keep)  # (B, K, 2·head_dim)
+            x = x + gather_tokens(self.positional_embedding, ids_keep)
+            rope = gather_tokens(self.rope_table, ids_keep)  # (B, K, 2·head_dim)
         return self.latent_head(self._blocks(x, rope))
 
 
@@ -223,10 +229,10 @@ class Decoder(_Trunk):
         if ids_restore is None:
             x = x + self.positional_embedding
         else:
-            x = ops.restore_tokens(x, ids_restore, self.mask_token, self.positional_embedding)
+            x = restore_tokens(x, ids_restore, self.mask_token, self.positional_embedding)
         x = self._blocks(x, self.rope_table.unsqueeze(0))
         w, b = self._head_weight()
-        pixels = ops.unpatchify(F.linear(x, w, b), self.patch_size, 3, self.grid)
+        pixels = unpatchify(F.linear(x, w, b), self.patch_size, 3, self.grid)
         return self.conv_out(pixels)
 
 
@@ -247,7 +253,7 @@ class SemanticDecoder(_Trunk):
         if ids_restore is None:
             x = x + self.positional_embedding
         else:
-            x = ops.restore_tokens(x, ids_restore, self.mask_embedding, self.positional_embedding)
+            x = restore_tokens(x, ids_restore, self.mask_embedding, self.positional_embedding)
         return self.out(self._blocks(x, self.rope_table.unsqueeze(0)))
 
 
@@ -398,7 +404,7 @@ class RecTok(nn.Module):
         C = self.token_channels
         if sample:
             t = torch.zeros(images.shape[0], device=images.device, dtype=torch.float32)
-            z = ops.posterior_flow(moments, t, 0.0, sample_posterior=True)[0]
+            z = posterior_flow(moments, t, 0.0, sample_posterior=True)[0]
         else:
             z = moments[..., :C]
         z = self.normalize(z)
@@ -446,7 +452,7 @@ class RecTok(nn.Module):
         elif c.sem_target == "align" and token_mask is not None:
             sel = ~token_mask
         if c.sem_loss == "cosine":
-            return ops.cosine_align_loss(pred, target, mask=sel)
+            return cosine_align_loss(pred, target, mask=sel)
         target = target.detach().float()
         err = (pred.float() - target).abs() if c.sem_loss == "l1" else (pred.float() - target).pow(2)
         per_token = err.mean(-1)
@@ -495,10 +501,10 @@ class RecTok(nn.Module):
         flow = c.gamma > 0
         if t is None:
             if flow:
-                t = ops.sample_time(B, c.noise_schedule, shift=self.timestep_shift, device=images.device)
+                t = sample_time(B, c.noise_schedule, shift=self.timestep_shift, device=images.device)
             else:
                 t = torch.zeros(B, device=images.device)
-        z, z_t, kl = ops.posterior_flow(moments, t, c.gamma, noise=noise, sample_posterior=True)
+        z, z_t, kl = posterior_flow(moments, t, c.gamma, noise=noise, sample_posterior=True)
         token_mask = None
         if ids_restore is not None:
             token_mask = ids_restore >= ids_keep.shape[1]
