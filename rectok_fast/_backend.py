@@ -65,11 +65,16 @@ def resolve_triton_backend(op: str, backend: str, *tensors: torch.Tensor | None)
 
 
 def record(op: str, chosen: str) -> None:
-    """Record which path ``op`` ran on (readable with :func:`last_backend`), log it once."""
-    _LAST[op] = chosen
-    _LAST["*"] = chosen
+    """Record which path ``op`` ran on (readable with :func:`last_backend`), log it once.
+
+    Nothing is recorded while dynamo traces: the mutation would only happen at trace time, and
+    dynamo guards on the dict's contents, so a compiled function would recompile whenever another
+    op (or its own first trace) changed them.
+    """
     if torch.compiler.is_compiling():
         return
+    _LAST[op] = chosen
+    _LAST["*"] = chosen
     key = (op, chosen)
     if key not in _LOGGED:
         _LOGGED.add(key)
