@@ -82,9 +82,9 @@ def gaussian_kl_bwd_kernel(
         m = tl.load(MEAN + b * stride_mb + i * stride_ml, mask=ok, other=0.0).to(tl.float32)
         lv = tl.load(LOGVAR + b * stride_vb + i * stride_vl, mask=ok, other=0.0).to(tl.float32)
         if CLAMP:
-            # clamp's backward passes the gradient where lo <= logvar <= hi (as torch.clamp)
+            # the clamp passes the gradient strictly inside (lo, hi) (torch >= 2.14's clamp backward)
             dlv = 0.5 * g * (tl.exp(tl.minimum(tl.maximum(lv, lo), hi)) - 1.0)
-            dlv = tl.where((lv >= lo) & (lv <= hi), dlv, 0.0)
+            dlv = tl.where((lv > lo) & (lv < hi), dlv, 0.0)
         else:
             dlv = 0.5 * g * (tl.exp(lv) - 1.0)
         tl.store(DMEAN + b * L + i, (g * m).to(DMEAN.dtype.element_ty), mask=ok)

@@ -132,7 +132,7 @@ def gaussian_kl(
         mean: (B, ...) posterior means (fp16, bf16, fp32 or fp64).
         logvar: same shape and device as ``mean`` (dtype may differ); clamped to ``logvar_clamp``
             (default [-30, 20], as the official DiagonalGaussian; ``None`` disables it) before use,
-            and receives no gradient where it lies outside that range.
+            and receives no gradient where it lies outside that range or on its bounds.
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (see :mod:`rectok_fast._backend`);
             fp64 inputs run the reference under ``"auto"``.
 
