@@ -31,6 +31,8 @@ class EMA(nn.Module):
         float_pairs = [(e, s) for e, s in zip(ema_p, src_p) if e.dtype.is_floating_point]
         if float_pairs:
             e, s = zip(*float_pairs)
+            # FSDP2 parameters are DTensors: gather them (the shadow keeps full tensors)
+            s = [x.full_tensor() if hasattr(x, "full_tensor") else x for x in s]
             torch._foreach_lerp_(list(e), [x.detach().to(e[0].dtype) for x in s], 1.0 - d)
         for eb, sb in zip(self.module.buffers(), src.buffers()):
             eb.copy_(sb)

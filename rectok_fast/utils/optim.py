@@ -62,6 +62,8 @@ def make_adamw(
         fused = dev.type == "cuda"
     if fused:
         kw["fused"] = True
+    else:
+        kw["foreach"] = True
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kw)
 
 

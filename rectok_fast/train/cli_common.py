@@ -1,0 +1,64 @@
+"""Arguments shared by the training commands (thin layer over :mod:`rectok_fast.config`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..config import RunConfig, load_config, merge, parse_overrides, resolve_config_path
+
+
+def add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
+    p.add_argument(
+        "--config",
+        default=default_config,
+        help=f"YAML recipe: a path or a name under configs/ (default: {default_config})",
+    )
+    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl, images, export)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'embedded' (scikit-image samples, no download), an ImageNet-style folder, or a file list (.txt)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps (the LR schedule is unchanged)",
+    )
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt (bit-exact)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. optim.blr=2e-4 data.global_batch_size=64",
+    )
+
+
+def data_overrides(spec: str | None) -> dict:
+    if spec is None:
+        return {}
+    if spec == "embedded":
+        return {"data": {"source": "embedded"}}
+    if os.path.isdir(spec):
+        return {"data": {"source": "folder", "path": spec}}
+    if os.path.isfile(spec):
+        return {"data": {"source": "filelist", "path": spec}}
+    raise FileNotFoundError(f"--data {spec!r}: not 'embedded', a directory or a file list")
+
+
+def config_from_args(args: argparse.Namespace, kind: str) -> RunConfig:
+    over = merge(data_overrides(args.data), parse_overrides(args.overrides))
+    top = {"kind": kind}
+    for k in ("out", "max_steps", "seed", "device"):
+        v = getattr(args, k)
+        if v is not None:
+            top[k] = v
+    if args.resume:
+        top["resume"] = True
+    cfg = load_config(resolve_config_path(args.config), merge(over, top))
+    if cfg.kind != kind:
+        raise ValueError(f"config {args.config} is a {cfg.kind!r} recipe, not {kind!r}")
+    return cfg

@@ -1,0 +1,303 @@
+"""The training loop shared by the tokenizer and DiT trainers.
+
+Responsibilities: process group + device, seeding, the loader over global batches, the per-step
+learning rate, gradient accumulation (``no_sync`` on all but the last micro-batch), autocast,
+clipping, EMA, device-side loss accumulation (one all-reduce + one host read per log interval),
+atomic checkpoints with every RNG state, bit-exact resume, progress bar and JSONL metrics.
+
+Randomness that affects the loss (masks, flow times, noise, label drop-out) is drawn for the whole
+*global* batch from a generator seeded identically on every rank, and each rank keeps the slice of
+its samples (:meth:`Trainer.draw_step_randomness`, :func:`rectok_fast.data.sampler.slot_offset`).
+So a run on W ranks computes exactly the single-process update for the same global batch, and a
+resumed run continues exactly where the stopped one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import RunConfig, lr_for, save_config, steps_per_epoch, to_dict, total_steps
+from ..data.sampler import build_loader, set_loader_epoch, slot_offset
+from ..utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..utils.distributed import DistInfo, MetricAccumulator, barrier, init_distributed
+from ..utils.ema import EMA, _unwrap
+from ..utils.log import MetricLogger, Progress, setup_logging
+from ..utils.optim import lr_at, make_adamw, set_lr
+from ..utils.rng import get_rng_state, seed_everything, set_rng_state
+
+logger = logging.getLogger("rectok_fast.train")
+
+
+def autocast_ctx(device: torch.device, amp: str, amp_cpu: bool = False):
+    """bf16/fp16 autocast on CUDA (on the CPU only with ``amp_cpu``), else a no-op."""
+    if amp == "none" or (device.type != "cuda" and not amp_cpu):
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Trainer:
+    """Subclasses implement :meth:`build` (models, dataset, optimizers), :meth:`draw_step_randomness`
+    and :meth:`micro_step` (forward + backward of one micro-batch, returning its scalar losses)."""
+
+    kind = "base"
+
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.device)
+        self.device = self.dist.device
+        setup_logging(cfg.out, self.dist.is_main)
+        d = cfg.data
+        denom = self.dist.world_size * d.grad_accum
+        if d.global_batch_size % denom:
+            raise ValueError(
+                f"data.global_batch_size={d.global_batch_size} is not divisible by world_size×grad_accum={denom}"
+            )
+        self.global_batch = d.global_batch_size
+        self.micro = d.global_batch_size // denom
+        self.accum = d.grad_accum
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.step = 0
+        self.ema: EMA | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.lr_mults: dict[str, float] = {}
+        self.extra_generators: dict[str, torch.Generator] = {}
+        self.peak_lr = lr_for(cfg.optim, self.global_batch)
+        self.build()
+        self.spe = steps_per_epoch(len(self.dataset), self.global_batch)
+        self.total = total_steps(cfg.optim, self.spe)
+        o = cfg.optim
+        self.warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_frac * self.total))
+        self.loader = build_loader(
+            self.dataset,
+            self.micro,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+            accum=self.accum,
+            seed=cfg.seed,
+            num_workers=d.num_workers,
+            pin_memory=d.pin_memory and self.device.type == "cuda",
+        )
+        self.rand = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345)
+        self.extra_generators["global"] = self.rand
+        # model-internal randomness not covered by the global generator differs per rank
+        torch.manual_seed(cfg.seed + 1000 * self.dist.rank + 1)
+        if cfg.resume:
+            self.try_resume()
+
+    # ------------------------------------------------------------------ to implement
+
+    def build(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def draw_step_randomness(self, global_batch: int) -> dict[str, Any]:
+        """Everything random for one optimizer step, for all ``global_batch`` samples (on every rank)."""
+        return {}
+
+    def micro_step(self, batch, rnd: dict[str, Any], m: int) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Hook after the optimizer step (e.g. periodic image grids)."""
+
+    def train_models(self) -> dict[str, nn.Module]:
+        """name -> module whose weights go into checkpoints (the main model under ``model``)."""
+        return {"model": self.model}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------ helpers
+
+    def wrap_ddp(self, module: nn.Module, find_unused: bool = False) -> nn.Module:
+        if not self.dist.distributed or not any(p.requires_grad for p in module.parameters()):
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids, find_unused_parameters=find_unused)
+
+    def slice_rnd(self, t: torch.Tensor, m: int) -> torch.Tensor:
+        """This rank's micro-batch ``m`` slice of a global-batch tensor."""
+        off = slot_offset(m, self.dist.rank, self.dist.world_size, self.micro)
+        return t[off : off + self.micro]
+
+    def autocast(self):
+        o = self.cfg.optim
+        return autocast_ctx(self.device, o.amp, o.amp_cpu)
+
+    def make_optimizer(
+        self, name: str, module: nn.Module, lr_mult: float = 1.0, weight_decay: float | None = None
+    ) -> None:
+        o = self.cfg.optim
+        wd = o.weight_decay if weight_decay is None else weight_decay
+        self.optimizers[name] = make_adamw(module, self.peak_lr * lr_mult, o.betas, wd)
+        self.lr_mults[name] = lr_mult
+
+    def lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return lr_at(
+            step,
+            peak=self.peak_lr,
+            total=self.total,
+            schedule=o.schedule,
+            warmup=self.warmup,
+            min_lr=o.min_lr,
+            decay_start=int(round(o.decay_start_epoch * self.spe)),
+            decay_end=int(round(o.decay_end_epoch * self.spe)),
+        )
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.spe
+
+    def active_params(self, name: str) -> list[nn.Parameter]:
+        return [p for g in self.optimizers[name].param_groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "config": to_dict(self.cfg),
+            "kind": self.kind,
+            "world_size": self.dist.world_size,
+            "rng": get_rng_state(self.extra_generators),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+        }
+        for k, mod in self.train_models().items():
+            state[k] = _unwrap(mod).state_dict()
+        state["optimizer"] = state["optimizers"].get("model")
+        state["model_ema"] = self.ema.module.state_dict() if self.ema is not None else None
+        state.update(self.extra_state())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, mod in self.train_models().items():
+            _unwrap(mod).load_state_dict(state[k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        if self.ema is not None and state.get("model_ema") is not None:
+            self.ema.module.load_state_dict(state["model_ema"])
+        self.step = int(state["step"])
+        if int(state.get("world_size", 1)) == self.dist.world_size:
+            set_rng_state(state["rng"], self.extra_generators)
+        else:  # the global generator is rank-independent; per-rank torch RNGs are re-seeded
+            set_rng_state({**state["rng"], "torch": torch.get_rng_state(), "cuda": None}, self.extra_generators)
+            logger.warning(
+                "resuming on %d ranks a run saved on %d: per-rank RNG streams re-seeded",
+                self.dist.world_size,
+                state.get("world_size"),
+            )
+        self.load_extra_state(state)
+
+    def try_resume(self) -> bool:
+        path = latest_checkpoint(self.cfg.out)
+        if path is None:
+            logger.info("--resume: no checkpoint under %s/checkpoints, starting from scratch", self.cfg.out)
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        self.load_state_dict(state)
+        logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            lg = self.cfg.log
+            state = self.state_dict()
+            save_checkpoint(state, self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every)
+        barrier()
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train until ``optim``'s schedule ends or ``max_steps`` optimizer steps are done; returns the
+        last logged metrics (plus ``step`` and ``seconds``)."""
+        cfg, lg = self.cfg, self.cfg.log
+        stop = self.total if cfg.max_steps is None else min(self.total, cfg.max_steps)
+        if self.dist.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+        mlog = MetricLogger(
+            cfg.out,
+            enabled=self.dist.is_main,
+            tensorboard=lg.tensorboard,
+            wandb=lg.wandb,
+            config=to_dict(cfg),
+            project=lg.wandb_project,
+        )
+        prog = Progress(self.step, stop, self.global_batch, enabled=lg.progress and self.dist.is_main, desc=self.kind)
+        acc = MetricAccumulator(self.device)
+        logger.info(
+            "%s: %d steps (%d/epoch, schedule %d), global batch %d = %d × %d ranks × %d accum, peak lr %.3g, device %s",
+            self.kind, stop - self.step, self.spe, self.total, self.global_batch, self.micro, self.dist.world_size, self.accum, self.peak_lr, self.device,
+        )  # fmt: skip
+        last: dict = {}
+        t0 = time.perf_counter()
+        it = None
+        cur_epoch = None
+        while self.step < stop:
+            if cur_epoch != self.epoch or it is None:
+                cur_epoch = self.epoch
+                set_loader_epoch(self.loader, cur_epoch, self.step % self.spe)
+                it = iter(self.loader)
+            lr = self.lr(self.step)
+            for name, opt in self.optimizers.items():
+                set_lr(opt, lr * self.lr_mults[name])
+            rnd = self.draw_step_randomness(self.global_batch)
+            for m in range(self.accum):
+                batch = next(it)
+                sync = m == self.accum - 1
+                ctxs = [mod.no_sync() for mod in self.ddp_modules() if not sync]
+                with contextlib.ExitStack() as stack:
+                    for c in ctxs:
+                        stack.enter_context(c)
+                    losses = self.micro_step(batch, rnd, m)
+                acc.add(**losses)
+            self.optimizer_step()
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.model)
+            acc.add(lr=lr)
+            if self.step % lg.log_every == 0 or self.step == stop:
+                means = acc.pop_means()
+                ips = prog.update(self.step, {k: v for k, v in means.items() if k != "lr"})
+                last = {**means, "img_per_s": ips, "epoch": self.epoch}
+                mlog.log(self.step, **last)
+            else:
+                prog.update(self.step)
+            self.after_step()
+            if self.step % lg.ckpt_every == 0 or self.step == stop:
+                self.save()
+        prog.close()
+        mlog.close()
+        last.update(step=self.step, seconds=time.perf_counter() - t0)
+        return last
+
+    def ddp_modules(self) -> list[nn.Module]:
+        return [m for m in self.train_models().values() if isinstance(m, DDP)]
+
+    def optimizer_step(self) -> None:
+        clip = self.cfg.optim.grad_clip
+        for name, opt in self.optimizers.items():
+            if clip is not None and clip > 0 and name == "model":
+                torch.nn.utils.clip_grad_norm_(self.active_params(name), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def nan_guard(loss: torch.Tensor) -> None:
+    """Raise on a non-finite loss (only where a host sync is already happening)."""
+    if not math.isfinite(float(loss)):
+        raise FloatingPointError(f"non-finite loss {float(loss)}")

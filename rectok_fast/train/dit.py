@@ -1,0 +1,240 @@
+"""Train DiT^DH on RecTok latents with flow matching (SPEC §4).
+
+    python -m rectok_fast.train.dit --config configs/dit/tiny.yaml data.latents=runs/latents --out runs/dit
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \\
+        -m rectok_fast.train.dit --config configs/dit/ditdh_xl.yaml data.latents=/data/latents --out runs/xl distributed=fsdp
+
+Data: the latent cache of ``cache-latents`` (``data.latents``: posterior moments, sampled on the fly
+and normalised with the stored statistics) or online tokenisation of images with a frozen tokenizer
+(``model.tokenizer``).  Loss: the fused flow-matching ops with explicit noise; label drop-out to the
+null class with probability ``loss.label_dropout``; EMA; ``distributed: fsdp`` shards with FSDP2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from ..config import RunConfig
+from ..data.datasets import build_image_dataset
+from ..data.latents import LatentCacheDataset
+from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
+from ..utils.ema import EMA, _unwrap
+from ..utils.images import save_grid
+from .builders import build_ditdh, load_tokenizer
+from .cli_common import add_run_args, config_from_args
+from .common import Trainer
+
+logger = logging.getLogger("rectok_fast.train")
+
+
+class DiTTrainer(Trainer):
+    kind = "dit"
+
+    def build(self) -> None:
+        cfg, mc, d = self.cfg, self.cfg.model, self.cfg.data
+        self.tokenizer = None
+        if d.latents:
+            self.dataset = LatentCacheDataset(d.latents)
+            self.grid, self.channels = self.dataset.grid, self.dataset.channels
+            mean, std = self.dataset.latent_mean, self.dataset.latent_std
+            if mc.tokenizer:  # only for preview grids
+                self.tokenizer = load_tokenizer(mc.tokenizer).to(self.device).eval().requires_grad_(False)
+        else:
+            if not mc.tokenizer:
+                raise ValueError(
+                    "DiT training needs data.latents (a cache-latents directory) or model.tokenizer for online tokenisation"
+                )
+            self.tokenizer = load_tokenizer(mc.tokenizer).to(self.device).eval().requires_grad_(False)
+            self.dataset = build_image_dataset(d, "train", seed=cfg.seed)
+            self.grid, self.channels = self.tokenizer.grid, self.tokenizer.token_channels
+            mean, std = self.tokenizer.latent_mean.cpu(), self.tokenizer.latent_std.cpu()
+        if mean is None or std is None:
+            raise ValueError(
+                "latent statistics missing: run `rectok-fast stats` on the tokenizer before caching / training"
+            )
+        self.scale = float(self.tokenizer.config.scale_factor) if self.tokenizer is not None else 1.0
+        self.lat_mean = mean.float().to(self.device)
+        self.lat_std = std.float().to(self.device)
+        self.num_classes = mc.num_classes
+        model = build_ditdh(mc, self.channels, self.grid, self.num_classes).to(self.device)
+        if mc.init:
+            from .builders import load_dit
+
+            model.load_state_dict(load_dit(mc.init).state_dict())
+        self.raw_model = model
+        self.ema = EMA(model, cfg.optim.ema_decay)
+        self.fsdp = cfg.distributed == "fsdp" and self.dist.distributed
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for blk in model.blocks:
+                fully_shard(blk)
+            fully_shard(model)
+            self.model = model
+        else:
+            self.model = self.wrap_ddp(model)
+        self.make_optimizer("model", model, weight_decay=cfg.optim.weight_decay)
+        self.shift = float(model.default_shift)
+        self.data_meta = {"grid": self.grid, "channels": self.channels, "num_classes": self.num_classes}
+
+    def extra_state(self) -> dict:
+        return {"data_meta": self.data_meta}
+
+    def state_dict(self) -> dict:
+        if not self.fsdp:
+            return super().state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        from ..config import to_dict
+        from ..utils.rng import get_rng_state
+
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "config": to_dict(self.cfg),
+            "kind": self.kind,
+            "world_size": self.dist.world_size,
+            "rng": get_rng_state(self.extra_generators),
+            "model": get_model_state_dict(self.model, options=opts),
+            "optimizers": {"model": get_optimizer_state_dict(self.model, self.optimizers["model"], options=opts)},
+            "model_ema": self.ema.module.state_dict(),
+            **self.extra_state(),
+        }
+        state["optimizer"] = state["optimizers"]["model"]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.fsdp:
+            return super().load_state_dict(state)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from ..utils.rng import set_rng_state
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.optimizers["model"], state["optimizers"]["model"], options=opts)
+        self.ema.module.load_state_dict(state["model_ema"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"], self.extra_generators)
+
+    def save(self) -> None:
+        if not self.fsdp:
+            return super().save()
+        from ..utils.checkpoint import save_checkpoint
+        from ..utils.distributed import barrier
+
+        state = self.state_dict()  # collective: every rank takes part in gathering the full state
+        if self.dist.is_main:
+            lg = self.cfg.log
+            save_checkpoint(state, self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every)
+        barrier()
+
+    def draw_step_randomness(self, G: int) -> dict:
+        dev, g = self.device, self.rand
+        C, gr = self.channels, self.grid
+        u = torch.rand(G, device=dev, generator=g)
+        s = self.shift
+        t = 1 - u if s <= 1.0 else 1 - s * u / (1 + (s - 1) * u)
+        return {
+            "t": t,
+            "x0": torch.randn(G, C, gr, gr, device=dev, generator=g),
+            "eps_post": torch.randn(G, gr * gr, C, device=dev, generator=g),
+            "drop": torch.rand(G, device=dev, generator=g) < self.cfg.loss.label_dropout,
+        }
+
+    @torch.no_grad()
+    def latents_from_batch(self, batch, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(moments or images, labels) -> normalised posterior samples (B, C, g, g) and labels (B,)."""
+        x, y = batch
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cfg.data.latents:
+            moments = x.float()
+        else:
+            with self.autocast():
+                moments = self.tokenizer.encode(x).float()
+        C = self.channels
+        mean, logvar = moments[..., :C], moments[..., C:].clamp(LOGVAR_MIN, LOGVAR_MAX)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        z = (z - self.lat_mean) * self.scale / self.lat_std
+        return z.transpose(1, 2).reshape(z.shape[0], C, self.grid, self.grid).contiguous(), y
+
+    def micro_step(self, batch, rnd: dict, m: int) -> dict:
+        from .. import ops
+
+        x1, y = self.latents_from_batch(batch, self.slice_rnd(rnd["eps_post"], m))
+        t = self.slice_rnd(rnd["t"], m)
+        x0 = self.slice_rnd(rnd["x0"], m)
+        y = torch.where(self.slice_rnd(rnd["drop"], m), torch.full_like(y, self.num_classes), y)
+        x_t = ops.flow_matching_xt(x1, t, noise=x0)
+        with self.autocast():
+            pred = self.model(x_t, t, y)
+        loss = ops.flow_matching_loss(pred.float(), x1, t, noise=x0)
+        (loss / self.accum).backward()
+        return {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def preview(self, n: int = 16, steps: int = 25) -> torch.Tensor | None:
+        """Class-conditional samples from the EMA model decoded by the tokenizer, [0, 1] (n, 3, H, W)."""
+        if self.tokenizer is None:
+            return None
+        from ..sampling import sample
+
+        g = torch.Generator(device=self.device).manual_seed(0)
+        noise = torch.randn(n, self.channels, self.grid, self.grid, device=self.device, generator=g)
+        y = torch.arange(n, device=self.device) % self.num_classes
+        lat = sample(self.ema.module.eval(), noise, y, steps)
+        tok = self.tokenizer
+        z = lat.flatten(2).transpose(1, 2) * self.lat_std / self.scale + self.lat_mean
+        return (tok.decode(z).float() * 0.5 + 0.5).clamp(0, 1)
+
+    def after_step(self) -> None:
+        every = self.cfg.log.image_every
+        if every and self.step % every == 0 and self.dist.is_main:
+            imgs = self.preview()
+            if imgs is not None:
+                save_grid(imgs, os.path.join(self.cfg.out, "images", f"samples_{self.step:08d}.png"))
+
+    def export(self) -> str:
+        path = os.path.join(self.cfg.out, "export")
+        if self.dist.is_main:
+            _unwrap(self.ema.module).save_pretrained(path)
+        return path
+
+
+def train_dit(cfg: RunConfig) -> dict:
+    tr = DiTTrainer(cfg)
+    metrics = tr.fit()
+    metrics["export"] = tr.export()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        prog="rectok-fast train-dit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_args(p, default_config="dit/tiny")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args, kind="dit")
+    try:
+        return train_dit(cfg)
+    finally:
+        from ..utils.distributed import cleanup
+
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Train the RecTok tokenizer (SPEC §3), stage 1 (everything) or stage 2 (pixel decoder only).
+
+    python -m rectok_fast.train.tokenizer --config configs/tokenizer/tiny.yaml --out runs/tok --data embedded
+    torchrun --nproc-per-node 8 -m rectok_fast.train.tokenizer --config configs/tokenizer/rectok_bb_stage1.yaml \\
+        --data /data/imagenet/train --out runs/rectok_bb_s1
+
+Stage 1: ``L = MSE + w_P·P + w_KL·KL + w_sem·L_sem + w_G·L_G`` on [0, 1] images in fp32, the GAN from
+``loss.gan_start_epoch``.  Stage 2 (``stage: 2``): starts from ``model.init``, freezes all but the pixel
+decoder, no masking, γ = 0, KL and semantic losses off, GAN from the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig
+from ..data.datasets import build_image_dataset
+from ..utils.ema import EMA
+from ..utils.images import save_grid
+from .builders import build_rectok, build_teacher, load_tokenizer
+from .cli_common import add_run_args, config_from_args
+from .common import Trainer
+from .losses import PatchGANDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
+
+logger = logging.getLogger("rectok_fast.train")
+
+
+class TokenizerTrainer(Trainer):
+    kind = "tokenizer"
+
+    def build(self) -> None:
+        cfg, mc, lc = self.cfg, self.cfg.model, self.cfg.loss
+        self.dataset = build_image_dataset(cfg.data, "train", seed=cfg.seed)
+        model = build_rectok(mc, cfg.data.image_size)
+        if mc.init:
+            src = load_tokenizer(mc.init)
+            missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+            if unexpected or [k for k in missing if not k.startswith("sem_decoders.")]:
+                raise ValueError(f"model.init {mc.init}: mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            logger.info("initialised from %s", mc.init)
+        if cfg.stage == 2:
+            model.freeze_all_but_decoder()
+        model.to(self.device)
+        model.seed_masking(cfg.seed)  # the mask ratio: one draw per global batch, identical on all ranks
+        self.ema = EMA(model, cfg.optim.ema_decay)  # before attaching the teacher (not copied)
+        self.use_sem = lc.semantic > 0 and cfg.stage == 1 and len(model.sem_decoders) > 0
+        if self.use_sem:
+            model.attach_teachers({mc.teacher: build_teacher(mc, self.device, cfg.data.image_size)})
+        self.raw_model = model
+        self.model = self.wrap_ddp(model, find_unused=True)  # mask token unused when nothing is masked
+        self.make_optimizer("model", model)
+        self.perceptual = None
+        if lc.perceptual > 0 and lc.perceptual_enabled:
+            self.perceptual = PerceptualLoss(lc.lpips_weight, lc.convnext_weight, lc.lpips_path, lc.convnext_path).to(
+                self.device
+            )
+        self.disc = None
+        if lc.gan > 0:
+            disc = PatchGANDiscriminator(3, lc.disc_channels, lc.disc_layers)
+            if self.dist.distributed and self.device.type == "cuda":
+                disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+            self.raw_disc = disc.to(self.device)
+            self.disc = self.wrap_ddp(self.raw_disc)
+            self.make_optimizer("disc", self.raw_disc, lr_mult=lc.disc_lr_mult)
+        self.preview = None
+
+    @property
+    def gan_start_step(self) -> int:
+        return 0 if self.cfg.stage == 2 else int(round(self.cfg.loss.gan_start_epoch * self.spe))
+
+    def train_models(self):
+        d = {"model": self.model}
+        if self.disc is not None:
+            d["disc"] = self.disc
+        return d
+
+    def extra_state(self) -> dict:
+        return {"mask_rng": self.raw_model._mask_rng.getstate()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "mask_rng" in state:
+            self.raw_model._mask_rng.setstate(state["mask_rng"])
+
+    def draw_step_randomness(self, G: int) -> dict:
+        m = self.raw_model
+        c = m.config
+        N, C, dev, g = c.num_tokens, c.token_channels, self.device, self.rand
+        masking = self.cfg.stage == 1 and c.mask_ratio > 0
+        K = m.draw_num_kept() if masking else N
+        rnd = {"K": K, "masking": masking and K < N}
+        if rnd["masking"]:
+            rnd["ids_shuffle"] = torch.argsort(torch.rand(G, N, device=dev, generator=g), dim=1)
+        if self.cfg.stage == 1 and c.gamma > 0:
+            from ..reference.posterior_flow import sample_time
+
+            rnd["t"] = sample_time(G, c.noise_schedule, shift=m.timestep_shift, device=dev, generator=g)
+        else:
+            rnd["t"] = torch.zeros(G, device=dev)
+        rnd["eps_post"] = torch.randn(G, K, C, device=dev, generator=g)
+        rnd["eps_flow"] = torch.randn(G, K, C, device=dev, generator=g)
+        return rnd
+
+    def micro_step(self, batch, rnd: dict, m: int) -> dict:
+        from ..models.rectok import Mask
+
+        lc = self.cfg.loss
+        images = batch[0].to(self.device, non_blocking=True)
+        if rnd["masking"]:
+            shuffle = self.slice_rnd(rnd["ids_shuffle"], m)
+            mask = Mask(shuffle[:, : rnd["K"]].contiguous(), torch.argsort(shuffle, dim=1))
+        else:
+            mask = Mask(None, None)
+        noise = (self.slice_rnd(rnd["eps_post"], m), self.slice_rnd(rnd["eps_flow"], m))
+        with self.autocast():
+            out = self.model(images, mask=mask, t=self.slice_rnd(rnd["t"], m), noise=noise)
+        recon = out.reconstruction.float()
+        x01, r01 = images.float() * 0.5 + 0.5, recon * 0.5 + 0.5
+        losses = {"l2": F.mse_loss(r01, x01)}
+        total = lc.l2 * losses["l2"]
+        if self.perceptual is not None:
+            losses["perceptual"] = self.perceptual(recon, images)
+            total = total + lc.perceptual * losses["perceptual"]
+        if lc.kl > 0 and self.cfg.stage == 1:
+            losses["kl"] = out.kl.float()
+            total = total + lc.kl * losses["kl"]
+        if self.use_sem and out.sem_loss is not None:
+            losses["sem"] = out.sem_loss.float()
+            total = total + lc.semantic * losses["sem"]
+        gan_on = self.disc is not None and self.step >= self.gan_start_step
+        if gan_on:
+            self.raw_disc.requires_grad_(False)
+            losses["g"] = hinge_g_loss(self.raw_disc(recon))
+            self.raw_disc.requires_grad_(True)
+            total = total + lc.gan * losses["g"]
+        losses["loss"] = total
+        (total / self.accum).backward()
+        if gan_on:
+            d_loss = hinge_d_loss(self.disc(images.float()), self.disc(recon.detach()))
+            (d_loss / self.accum).backward()
+            losses["d"] = d_loss
+        if self.preview is None and self.dist.is_main:
+            self.preview = images[:8].detach().clone()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def after_step(self) -> None:
+        every = self.cfg.log.image_every
+        if not (every and self.step % every == 0 and self.dist.is_main and self.preview is not None):
+            return
+        ema = self.ema.module
+        with torch.no_grad():
+            rec = ema.eval()(self.preview).float().clamp(-1, 1)
+        save_grid(
+            torch.cat([self.preview, rec]) * 0.5 + 0.5,
+            os.path.join(self.cfg.out, "images", f"recon_{self.step:08d}.png"),
+            nrow=len(self.preview),
+        )
+
+    def export(self) -> str:
+        """The EMA tokenizer in ``save_pretrained`` format under ``OUT/export`` (main rank)."""
+        path = os.path.join(self.cfg.out, "export")
+        if self.dist.is_main:
+            m = self.ema.module
+            m.teachers = {}
+            m.save_pretrained(path)
+        return path
+
+
+def train_tokenizer(cfg: RunConfig) -> dict:
+    """Build a :class:`TokenizerTrainer`, fit, export the EMA weights; returns the last metrics."""
+    tr = TokenizerTrainer(cfg)
+    metrics = tr.fit()
+    metrics["export"] = tr.export()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        prog="rectok-fast train-tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_args(p, default_config="tokenizer/tiny")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args, kind="tokenizer")
+    try:
+        return train_tokenizer(cfg)
+    finally:
+        from ..utils.distributed import cleanup
+
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
