@@ -55,8 +55,9 @@ __global__ void patch_copy_kernel(Unit* __restrict__ image, Unit* __restrict__ t
     const Index c = q - r * C;  // r = b*T + t
     const Index b = r / T;
     const Index t = r - b * T;
-    const Index n = ids ? static_cast<Index>(ids[r]) : t;
-    const bool valid = !ids || (ids[r] >= 0 && ids[r] < static_cast<int64_t>(n_cells));
+    const int64_t id = ids ? ids[r] : 0;
+    const bool valid = !ids || (id >= 0 && id < static_cast<int64_t>(n_cells));
+    const Index n = ids ? (valid ? static_cast<Index>(id) : Index(0)) : t;  // no arithmetic on a bad id
     const Index gy = n / gw;
     const Index gx = n - gy * gw;
     const Index img = ((b * C + c) * H + gy * p + py) * Wu + gx * pu + pxu;
@@ -152,6 +153,7 @@ at::Tensor patchify_cuda(const at::Tensor& images_in, int64_t p, const std::opti
   at::Tensor images = images_in.contiguous();
   at::Tensor out = at::empty({B, T, C * p * p}, images.options());
   if (out.numel() == 0) return out;
+  if (N == 0) return out.zero_();  // empty grid: every id is out of range (the Python side raises first)
   launch<true>(images, out, ids.defined() ? ids.data_ptr<int64_t>() : nullptr, p, N);
   return out;
 }
@@ -178,7 +180,7 @@ at::Tensor unpatchify_cuda(const at::Tensor& tokens_in, int64_t p, int64_t chann
   // With ids_keep the cells no token lands on stay zero; without, every element is written.
   at::Tensor out = ids.defined() ? at::zeros({B, channels, gh * p, gw * p}, opts)
                                  : at::empty({B, channels, gh * p, gw * p}, opts);
-  if (tokens.numel() == 0) return out;
+  if (tokens.numel() == 0 || out.numel() == 0) return out;
   launch<false>(out, tokens, ids.defined() ? ids.data_ptr<int64_t>() : nullptr, p, N);
   return out;
 }
