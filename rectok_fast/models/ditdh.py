@@ -615,7 +615,8 @@ def training_loss(
     """One flow-matching training loss (SPEC §4), a 0-dim fp32 tensor.
 
     Args:
-        model: the :class:`DiTDH` (``model(x, t, y)`` → velocity) being trained.
+        model: the :class:`DiTDH` (``model(x, t, y)`` → velocity) being trained, possibly wrapped
+            (DDP, FSDP, ``torch.compile``).
         x1: data latents (B, C, g, g); y: labels (B,) in ``[0, num_classes)``.
         seed: x0 ~ N(0, I) is generated inside the fused ops from this seed (python int or 1-element
             int64 tensor; a tensor avoids recompiles) and regenerated, never stored.  When neither
@@ -643,9 +644,10 @@ def training_loss(
             seed = torch.randint(0, 2**62, (1,), device=x1.device, dtype=torch.int64)
         else:
             noise = torch.randn_like(x1)
+    core = getattr(model, "module", model)  # DDP / FSDP wrappers: attributes live on the wrapped module
     if t is None:
-        t = training_time(B, model.default_shift if shift is None else shift, device=x1.device)
-    y = drop_labels(y, model.num_classes, label_drop)
+        t = training_time(B, core.default_shift if shift is None else shift, device=x1.device)
+    y = drop_labels(y, core.num_classes, label_drop)
     x_t = ops.flow_matching_xt(x1, t, seed=seed, noise=noise, backend=backend)
     pred = model(x_t, t, y)
     return ops.flow_matching_loss(pred, x1, t, seed=seed, noise=noise, backend=backend)

@@ -52,7 +52,7 @@ def time_grid(
 
 
 def _null_labels(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = getattr(getattr(model, "module", model), "num_classes", None)
     if num_classes is None:
         raise ValueError("sample: guidance='cfg' needs a model with a `num_classes` attribute (null class index)")
     return torch.full_like(y, num_classes)
@@ -170,7 +170,7 @@ def sample(
     if not lo <= hi:
         raise ValueError(f"sample: `interval` must be (lo, hi) with lo <= hi, got {interval}")
     if shift is None:
-        shift = float(getattr(model, "default_shift", 1.0))
+        shift = float(getattr(getattr(model, "module", model), "default_shift", 1.0))
 
     grid_host = time_grid(steps + 1, shift, dtype=torch.float64).tolist()
     grid = time_grid(steps + 1, shift, device=noise.device, dtype=torch.float32)
