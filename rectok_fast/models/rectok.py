@@ -478,7 +478,8 @@ class RecTok(nn.Module):
                 :meth:`sample_mask` when None (eager only: under ``torch.compile`` pass it in).
                 ``Mask(None, None)`` disables masking.
             t: (B,) flow times; drawn from the noise schedule when None.
-            noise: ``(eps_post, eps_flow)`` each (B, K, C); drawn on the device when None.
+            noise: ``(eps_post, eps_flow)`` each (B, K, C); drawn on the device when None (under
+                ``torch.compile`` mark their dim 1 dynamic like ``ids_keep``, or K specialises).
             teacher_features: name -> (B, N, width) targets; computed by the attached teachers when None.
 
         Returns:

@@ -126,18 +126,15 @@ class TinyTeacher(Teacher):
         seed: int | None = 0,
     ):
         super().__init__(width, patch_size)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, max_grid * max_grid, width))
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
-        self.norm = RMSNorm(width)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)  # the same random teacher every time (without touching the global RNG)
+            self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+            self.pos_embed = nn.Parameter(torch.randn(1, max_grid * max_grid, width) * 0.02)
+            self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+            self.norm = RMSNorm(width)
         self.max_grid = max_grid
-        with torch.no_grad():
-            for p in self.parameters():
-                if p.dim() > 1:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            self.pos_embed.copy_(torch.randn(self.pos_embed.shape, generator=gen) * 0.02)
         self.requires_grad_(False)
         self.eval()
 
