@@ -345,3 +345,30 @@ def test_attached_teachers_and_validation():
         m.eval().encode(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, K, C\)"):
         m.decode(torch.zeros(8, 16))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda_only
+def test_golden_on_cuda_fp32_and_bf16(golden):
+    m = RecTok.from_official(golden["state_dict"]).cuda()
+    x, o = golden["inputs"]["images"].cuda(), golden["outputs"]
+    C = m.token_channels
+    with torch.no_grad():
+        moments = m.encode(x)
+        assert rel(moments.cpu(), o["moments"]) <= 1e-4
+        assert rel(m.decode(moments[..., :C]).cpu(), o["decoded_from_mean"]) <= 1e-4
+        ids_keep, ids_restore = o["ids_keep"].cuda(), o["ids_restore"].cuda()
+        z_vis = torch.gather(o["moments"][..., :C].cuda(), 1, ids_keep[..., None].expand(-1, -1, C))
+        assert rel(m.decode(z_vis, ids_restore).cpu(), o["decoded_masked"]) <= 1e-4
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mb = m.encode(x)
+        assert rel(mb.float().cpu(), o["moments"]) <= 5e-2
+    m.train()
+    feats = {"dinov3": torch.randn(3, 64, 64, device="cuda")}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(x, teacher_features=feats)
+        loss = (out.reconstruction.float() - x).pow(2).mean() + 1e-6 * out.kl + out.sem_loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
