@@ -80,3 +80,21 @@ def test_inference_compiles_fullgraph():
         torch.testing.assert_close(detok(tokens), model.detokenize(tokens))
         detok(tokens + 1)
     assert cnt.frame_count == 2
+
+
+@pytest.mark.cuda_only
+def test_training_step_inductor_cuda_no_recompile():
+    torch._dynamo.reset()
+    model = _model().cuda()
+    N = model.config.num_tokens
+    x = torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1
+    feats = {"tiny": torch.randn(2, N, 32, device="cuda")}
+    _loss(model, x, model.sample_mask(2, num_kept=12), feats).backward()
+    cnt = CompileCounterWithBackend("inductor")
+    step = torch.compile(_loss, fullgraph=True, backend=cnt)
+    for K in (12, N, 10, N - 1):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(model, x, model.sample_mask(2, num_kept=K), feats)
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert cnt.frame_count == 1
