@@ -1,11 +1,13 @@
 """nn.Modules: transformer blocks (attention backends, RMSNorm, SwiGLU, RoPE) and drop-in fused modules."""
 
-from .attention import attention, available_backends
+from .attention import attention, available_backends, supported_head_dim
 from .fused import CosineAlignLoss, FlowMatchingLoss, FlowNoiser, KLAlignLoss, MaskTokenRestore, TokenGather
-from .layers import Attention, RMSNorm, SwiGLU, apply_rope, rotate_pairs, swiglu_hidden
+from .layers import Attention, Block, RMSNorm, SwiGLU, gate, modulate, swiglu_hidden
+from .rope import apply_rope, eva_rope_table, rectok_rope_table, rotate_pairs, split_table
 
 __all__ = [
     "Attention",
+    "Block",
     "CosineAlignLoss",
     "FlowMatchingLoss",
     "FlowNoiser",
@@ -17,6 +19,12 @@ __all__ = [
     "apply_rope",
     "attention",
     "available_backends",
+    "eva_rope_table",
+    "gate",
+    "modulate",
+    "rectok_rope_table",
+    "split_table",
+    "supported_head_dim",
     "rotate_pairs",
     "swiglu_hidden",
 ]
