@@ -20,6 +20,7 @@ saying how to provide them.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from typing import Any
 
@@ -179,9 +180,9 @@ class SigLIPTeacher(TimmTeacher):
 class DINOv3Teacher(Teacher):
     """DINOv3 (transformers ``AutoModel``, patch 16): ``last_hidden_state`` minus CLS and registers."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         cfg = model.config
-        super().__init__(cfg.hidden_size, getattr(cfg, "patch_size", 16))
+        super().__init__(cfg.hidden_size, getattr(cfg, "patch_size", 16), mean, std)
         self.model = model.eval().requires_grad_(False)
         self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0))
 
@@ -207,56 +208,125 @@ def _looks_local(source: str) -> bool:
     return os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source)
 
 
-def _timm_model(name: str, source: str, hub: str):
-    timm = _import(name, "timm", hub)
-    kwargs: dict[str, Any] = dict(dynamic_img_size=True)
-    if name == "siglip":
-        kwargs["img_size"] = 256
-    if _looks_local(source):
-        path = os.path.expanduser(source)
-        files = (
-            [os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")]
-            if os.path.isdir(path)
-            else [path]
-        )
-        weights = next((f for f in files if os.path.isfile(f)), None)
-        if weights is None:
-            raise TeacherUnavailableError(
-                f"load_teacher({name!r}): no weights at {source!r} (looked for {', '.join(files)}). "
-                + _HOW.format(name=name, hub=hub)
-            )
-        model = timm.create_model(hub, pretrained=False, **kwargs)
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
+def _unavailable(name: str, hub: str, what: str, e: BaseException | None = None) -> TeacherUnavailableError:
+    cause = f" ({type(e).__name__}: {e})" if e is not None else ""
+    return TeacherUnavailableError(f"load_teacher({name!r}): {what}{cause}. " + _HOW.format(name=name, hub=hub))
 
-            sd = load_file(weights)
-        else:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-        sd = sd.get("model_state_dict", sd.get("model", sd))
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint file -> flat state dict (unwraps ``model_state_dict`` / ``state_dict`` / ``model``,
+    strips a DDP ``module.`` prefix)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _timm_local(timm, name: str, path: str, hub: str, arch: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    """Build the timm model described by a local directory / weights file and load its weights.
+
+    The architecture comes from (first match) the ``arch`` argument, the directory's timm
+    ``config.json`` (``architecture`` + ``model_args`` + ``num_classes``, the layout of the timm hub
+    snapshots and of ``timm.models.save_for_hf``), or the default hub name.  The weights go through
+    timm's ViT ``checkpoint_filter_fn`` (original Meta DINOv2 / OpenCLIP key layouts, pos-embed grid
+    resampling) and load strictly (a classifier head the model does not have is dropped)."""
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")]
+        cfg_file = os.path.join(path, "config.json")
+    else:
+        files, cfg_file = [path], os.path.join(os.path.dirname(path), "config.json")
+    weights = next((f for f in files if os.path.isfile(f)), None)
+    if weights is None:
+        raise _unavailable(name, hub, f"no weights at {path!r} (looked for {', '.join(files)})")
+    model_args: dict[str, Any] = {}
+    if arch is None and os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        arch = cfg.get("architecture")
+        model_args = dict(cfg.get("model_args") or {})
+        if "num_classes" in cfg:
+            model_args.setdefault("num_classes", cfg["num_classes"])
+    arch = arch or hub
+    try:
+        model = timm.create_model(arch, pretrained=False, **{**model_args, **kwargs})
+    except Exception as e:
+        raise _unavailable(name, hub, f"timm could not build architecture {arch!r} for {weights!r}", e) from e
+    try:
+        sd = _read_state_dict(weights)
+        try:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+        except ImportError:  # pragma: no cover - very old timm
+            checkpoint_filter_fn = None
+        if checkpoint_filter_fn is not None and hasattr(model, "pos_embed"):
+            sd = checkpoint_filter_fn(sd, model)
+        if getattr(model, "num_classes", None) == 0:
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         model.load_state_dict(sd)
-        return model
+    except Exception as e:
+        raise _unavailable(
+            name,
+            hub,
+            f"the weights {weights!r} do not fit timm's {arch!r} (put the timm config.json next to them, or pass "
+            "arch=<timm architecture>)",
+            e,
+        ) from e
+    return model
+
+
+def _timm_model(name: str, source: str, hub: str, arch: str | None = None) -> nn.Module:
+    timm = _import(name, "timm", hub)
+    kwargs: dict[str, Any] = dict(dynamic_img_size=True)  # any g·patch grid, pos-embed interpolated
+    if _looks_local(source):
+        return _timm_local(timm, name, os.path.expanduser(source), hub, arch, kwargs)
     try:
         return timm.create_model(source, pretrained=True, **kwargs)
     except Exception as e:  # no network, unknown name, ...
-        raise TeacherUnavailableError(
-            f"load_teacher({name!r}): could not load {source!r} through timm ({type(e).__name__}: {e}). "
-            + _HOW.format(name=name, hub=hub)
-        ) from e
+        raise _unavailable(name, hub, f"could not load {source!r} through timm", e) from e
 
 
-def _dinov3_model(source: str, hub: str):
-    transformers = _import("dinov3", "transformers", hub)
-    if _looks_local(source) and not os.path.isdir(os.path.expanduser(source)):
-        raise TeacherUnavailableError(
-            f"load_teacher('dinov3'): {source!r} is not a directory. " + _HOW.format(name="dinov3", hub=hub)
-        )
+def _hf_norm(source: str, local: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``image_mean`` / ``image_std`` of a transformers snapshot's ``preprocessor_config.json`` (DINOv3's
+    satellite models do not use ImageNet's); ImageNet's when there is none."""
     try:
-        return transformers.AutoModel.from_pretrained(os.path.expanduser(source))
+        if local:
+            path = os.path.join(source, "preprocessor_config.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(source, "preprocessor_config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        mean, std = tuple(float(v) for v in cfg["image_mean"]), tuple(float(v) for v in cfg["image_std"])
+        if len(mean) == 3 and len(std) == 3:
+            return mean, std
+    except Exception:  # no file / no hub access / other keys: the paper's ImageNet statistics
+        pass
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _dinov3_model(source: str, hub: str) -> DINOv3Teacher:
+    transformers = _import("dinov3", "transformers", hub)
+    local = _looks_local(source)
+    path = os.path.expanduser(source) if local else source
+    if local and not os.path.isdir(path):
+        raise _unavailable("dinov3", hub, f"{source!r} is not a directory (a transformers snapshot)")
+    try:
+        model = transformers.AutoModel.from_pretrained(path)
     except Exception as e:
-        raise TeacherUnavailableError(
-            f"load_teacher('dinov3'): could not load {source!r} through transformers ({type(e).__name__}: {e}). "
-            + _HOW.format(name="dinov3", hub=hub)
+        raise _unavailable(
+            "dinov3", hub, f"could not load {source!r} through transformers (DINOv3 needs transformers >= 4.56)", e
         ) from e
+    mean, std = _hf_norm(path, local)
+    return DINOv3Teacher(model, mean=mean, std=std)
 
 
 def load_teacher(
@@ -265,6 +335,7 @@ def load_teacher(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    arch: str | None = None,
     **tiny_kwargs: Any,
 ) -> Teacher:
     """Build a frozen teacher in eval mode.
@@ -275,6 +346,8 @@ def load_teacher(
             :data:`DEFAULT_SOURCES`; loading a hub name downloads when the machine can reach the hub).
         device: where to put it (default CPU).
         dtype: parameter dtype; default bf16 on CUDA, fp32 elsewhere.
+        arch: timm teachers from a local source: the timm architecture of the weights (default: the
+            directory's timm ``config.json``, else the hub name's architecture).
         tiny_kwargs: arguments of :class:`TinyTeacher` for ``name="tiny"``.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -285,13 +358,11 @@ def load_teacher(
         hub = DEFAULT_SOURCES[name]
         src = os.fspath(source) if source is not None else hub
         if _looks_local(src) and not os.path.exists(os.path.expanduser(src)):
-            raise TeacherUnavailableError(
-                f"load_teacher({name!r}): no weights at {src!r}. " + _HOW.format(name=name, hub=hub)
-            )
+            raise _unavailable(name, hub, f"no weights at {src!r}")
         if name == "dinov3":
-            teacher = DINOv3Teacher(_dinov3_model(src, hub))
+            teacher = _dinov3_model(src, hub)
         else:
-            model = _timm_model(name, src, hub)
+            model = _timm_model(name, src, hub, arch)
             teacher = DINOv2Teacher(model) if name == "dinov2" else SigLIPTeacher(model)
     else:
         raise ValueError(f"load_teacher: unknown teacher {name!r}; expected one of {['tiny', *DEFAULT_SOURCES]}")
