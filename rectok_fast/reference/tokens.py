@@ -42,9 +42,12 @@ def restore_tokens(
     # Same values as cat([visible, N-K mask tokens]).gather(ids_restore), written without a tensor of
     # N-K rows: under torch.compile with a dynamic K, N-K = 0 or 1 would specialise and recompile.
     idx = ids_restore.long()
-    taken = torch.gather(visible, 1, idx.clamp(max=K - 1).unsqueeze(-1).expand(-1, -1, D))
     mt = mask_token.reshape(1, 1, D).to(visible.dtype)
-    out = torch.where((idx < K).unsqueeze(-1), taken, mt)
+    if K == 0:  # everything masked: there is no visible row to gather from
+        out = mt.expand(B, N, D) + visible.sum() * 0  # keep `visible` in the graph (zero gradient)
+    else:
+        taken = torch.gather(visible, 1, idx.clamp(max=K - 1).unsqueeze(-1).expand(-1, -1, D))
+        out = torch.where((idx < K).unsqueeze(-1), taken, mt)
     if pos is not None:
         out = out + pos.reshape(1, N, D)
     return out
