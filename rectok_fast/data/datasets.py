@@ -53,7 +53,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

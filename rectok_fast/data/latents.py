@@ -25,11 +25,16 @@ class ShardWriter:
         self.shards: list[dict] = []
 
     def add(self, moments: torch.Tensor, labels: torch.Tensor) -> None:
-        self.buf_m.append(moments.detach().cpu())
-        self.buf_y.append(labels.detach().cpu().long())
-        self.n_buf += moments.shape[0]
-        if self.n_buf >= self.shard_size:
-            self.flush()
+        """Buffer (n, N, 2C) moments and (n,) labels; full shards of ``shard_size`` are written as they fill."""
+        moments, labels = moments.detach().cpu(), labels.detach().cpu().long()
+        while moments.shape[0]:
+            take = min(moments.shape[0], self.shard_size - self.n_buf)
+            self.buf_m.append(moments[:take])
+            self.buf_y.append(labels[:take])
+            self.n_buf += take
+            moments, labels = moments[take:], labels[take:]
+            if self.n_buf >= self.shard_size:
+                self.flush()
 
     def flush(self) -> None:
         if not self.n_buf:

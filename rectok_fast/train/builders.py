@@ -40,9 +40,15 @@ def build_teacher(mc: ModelConfig, device: torch.device, image_size: int):
     ``mc.teacher_path`` or their hub name, see :func:`rectok_fast.models.teachers.load_teacher`)."""
     from ..models.teachers import load_teacher
 
+    patch = int(mc.extra.get("patch_size", 16))
     if mc.teacher == "tiny":
-        return load_teacher("tiny", device=device, width=teacher_width(mc), max_grid=max(16, image_size // 16))
-    return load_teacher(mc.teacher, mc.teacher_path, device=device)
+        t = load_teacher(
+            "tiny", device=device, width=teacher_width(mc), patch_size=patch, max_grid=max(16, image_size // patch)
+        )
+    else:
+        t = load_teacher(mc.teacher, mc.teacher_path, device=device)
+    t.tokenizer_patch = patch  # the teacher's token grid follows the tokenizer's (H / patch)
+    return t
 
 
 def build_ditdh(mc: ModelConfig, channels: int, grid: int, num_classes: int | None = None):

@@ -77,11 +77,13 @@ class LPIPS(nn.Module):
 
     def __init__(self, path: str | None = None, pretrained: bool = True):
         super().__init__()
-        tvm = _require_torchvision()
-        vgg = tvm.vgg16(weights=None)
+        _require_torchvision()
+        from torchvision.models.vgg import cfgs, make_layers
+
+        feats = make_layers(cfgs["D"], batch_norm=False)  # VGG16's conv trunk (the classifier is never used)
         if pretrained:
-            vgg.load_state_dict(torch.load(find_weight(VGG16_FILE, path), map_location="cpu", weights_only=True))
-        feats = vgg.features
+            sd = torch.load(find_weight(VGG16_FILE, path), map_location="cpu", weights_only=True)
+            feats.load_state_dict({k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")})
         self.slices = nn.ModuleList([feats[0:4], feats[4:9], feats[9:16], feats[16:23], feats[23:30]])
         chans = (64, 128, 256, 512, 512)
         self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in chans])

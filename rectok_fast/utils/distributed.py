@@ -92,40 +92,42 @@ def broadcast_object(obj):
 
 class MetricAccumulator:
     """Sums of named scalar losses kept on the device (``acc.add(loss=..)`` never syncs);
-    :meth:`pop_means` does one all-reduce and one host transfer for all of them."""
+    :meth:`pop_means` does one all-reduce and one host transfer for all of them.  Each name is
+    averaged over the calls that provided it."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.names: list[str] = []
-        self.sums: torch.Tensor | None = None
-        self.count = 0
+        self.sums: torch.Tensor | None = None  # (2, K): row 0 sums, row 1 counts
 
     def add(self, **values: torch.Tensor | float) -> None:
-        for k in values:
-            if k not in self.names:
-                self.names.append(k)
-                extra = torch.zeros(1, device=self.device, dtype=torch.float64)
-                self.sums = extra if self.sums is None else torch.cat([self.sums, extra])
-        vec = torch.stack(
-            [
-                (
-                    values[k].detach().to(self.device, torch.float64).reshape(())
-                    if isinstance(values[k], torch.Tensor)
-                    else torch.tensor(float(values[k]), device=self.device, dtype=torch.float64)
+        new = [k for k in values if k not in self.names]
+        if new:
+            self.names += new
+            extra = torch.zeros(2, len(new), device=self.device, dtype=torch.float64)
+            self.sums = extra if self.sums is None else torch.cat([self.sums, extra], dim=1)
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        vals, cnts = [], []
+        for k in self.names:
+            v = values.get(k)
+            if v is None:
+                vals.append(zero)
+                cnts.append(zero)
+            else:
+                v = (
+                    v.detach().to(self.device, torch.float64).reshape(())
+                    if isinstance(v, torch.Tensor)
+                    else torch.tensor(float(v), device=self.device, dtype=torch.float64)
                 )
-                if k in values
-                else torch.zeros((), device=self.device, dtype=torch.float64)
-                for k in self.names
-            ]
-        )
-        self.sums = self.sums + vec
-        self.count += 1
+                vals.append(v)
+                cnts.append(zero + 1)
+        self.sums = self.sums + torch.stack([torch.stack(vals), torch.stack(cnts)])
 
     def pop_means(self) -> dict[str, float]:
-        if self.sums is None or self.count == 0:
+        if self.sums is None or not self.names:
             return {}
-        means = all_reduce_mean(self.sums / self.count).tolist()
-        out = dict(zip(self.names, means))
+        tot = all_reduce_mean(self.sums)  # means of sums and of counts over ranks: their ratio is the global mean
+        sums, counts = tot.tolist()
+        out = {k: s / c for k, s, c in zip(self.names, sums, counts) if c > 0}
         self.sums = torch.zeros_like(self.sums)
-        self.count = 0
         return out

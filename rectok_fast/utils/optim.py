@@ -11,6 +11,7 @@ from torch import nn
 NO_DECAY_KEYWORDS = (
     "pos_embed",
     "position_embedding",
+    "positional_embedding",
     "mask_token",
     "mask_embedding",
     "cls_token",
