@@ -51,14 +51,17 @@ def data_overrides(spec: str | None) -> dict:
 
 def config_from_args(args: argparse.Namespace, kind: str) -> RunConfig:
     over = merge(data_overrides(args.data), parse_overrides(args.overrides))
-    top = {"kind": kind}
+    top: dict = {}
     for k in ("out", "max_steps", "seed", "device"):
         v = getattr(args, k)
         if v is not None:
             top[k] = v
     if args.resume:
         top["resume"] = True
-    cfg = load_config(resolve_config_path(args.config), merge(over, top))
-    if cfg.kind != kind:
-        raise ValueError(f"config {args.config} is a {cfg.kind!r} recipe, not {kind!r}")
-    return cfg
+    from ..config import load_yaml
+
+    path = resolve_config_path(args.config)
+    recipe_kind = load_yaml(path).get("kind", kind)
+    if recipe_kind != kind:
+        raise ValueError(f"config {args.config} is a {recipe_kind!r} recipe, not {kind!r}")
+    return load_config(path, merge(over, {**top, "kind": kind}))

@@ -1,7 +1,8 @@
 """``rectok-fast demo --out DIR``: the whole pipeline, end to end, with no download.
 
-1. trains the tiny tokenizer (``configs/tokenizer/tiny.yaml``) on crops of scikit-image's bundled
-   sample images with the tiny teacher;
+1. trains the tiny tokenizer on crops of scikit-image's bundled sample images with the tiny teacher:
+   stage 1 (``configs/tokenizer/tiny.yaml``: masking, flow noise, semantic distillation) then stage 2
+   (``configs/tokenizer/tiny_stage2.yaml``: pixel decoder only, clean latents);
 2. computes its latent statistics and caches the latents of the training crops;
 3. trains a tiny DiT^DH (``configs/dit/tiny.yaml``) on them, one class per source image;
 4. samples every class and reconstructs held-out crops (rows of pixels never seen in training).
@@ -31,9 +32,10 @@ logger = logging.getLogger("rectok_fast.demo")
 
 # (tokenizer steps, DiT steps, held-out crops, overrides) per device
 PRESETS = {
-    "cpu": dict(tokenizer_steps=400, dit_steps=600, heldout=128, tok={}, dit={}),
+    "cpu": dict(tokenizer_steps=500, stage2_steps=300, dit_steps=400, heldout=128, tok={}, dit={}),
     "cuda": dict(
         tokenizer_steps=3000,
+        stage2_steps=1500,
         dit_steps=4000,
         heldout=512,
         tok={
@@ -70,6 +72,7 @@ def run_demo(
     threads: int | None = None,
     progress: bool = True,
     sample_steps: int = 25,
+    stage2_steps: int | None = None,
 ) -> dict:
     from ..eval.evaluate import reconstruction_metrics
     from ..eval.sample import generate
@@ -87,9 +90,15 @@ def run_demo(
     if dev == "cpu":
         torch.set_num_threads(pick_threads(threads))
     tok_steps = tokenizer_steps or preset["tokenizer_steps"]
+    s2_steps = preset["stage2_steps"] if stage2_steps is None else stage2_steps
     dit_steps = dit_steps or preset["dit_steps"]
     logger.info(
-        "demo on %s (%d threads): %d tokenizer steps, %d DiT steps", dev, torch.get_num_threads(), tok_steps, dit_steps
+        "demo on %s (%d threads): %d + %d tokenizer steps, %d DiT steps",
+        dev,
+        torch.get_num_threads(),
+        tok_steps,
+        s2_steps,
+        dit_steps,
     )
 
     # 1. tokenizer
@@ -106,6 +115,18 @@ def run_demo(
     tok_cfg = load_config(resolve_config_path("tokenizer/tiny"), merge(preset["tok"], over))
     tok_metrics = train_tokenizer(tok_cfg)
     export = tok_metrics["export"]
+    s2_metrics = {"step": 0}
+    if s2_steps > 0:  # stage 2: the pixel decoder alone on clean latents
+        over = {
+            **over,
+            "out": os.path.join(out, "tokenizer_stage2"),
+            "optim": {"total_steps": s2_steps},
+            "model": {"init": export},
+        }
+        over["log"] = {**over["log"], "ckpt_every": s2_steps}
+        s2_cfg = load_config(resolve_config_path("tokenizer/tiny_stage2"), merge(preset["tok"], over))
+        s2_metrics = train_tokenizer(s2_cfg)
+        export = s2_metrics["export"]
 
     # 2. latent statistics + cache
     data = DataConfig(
@@ -157,7 +178,9 @@ def run_demo(
     metrics = {
         **{k: rec[k] for k in ("psnr", "ssim", "psnr_mean_color_baseline")},
         "heldout_images": rec["num_images"],
-        "tokenizer_steps": tok_metrics["step"],
+        "tokenizer_steps": tok_metrics["step"] + s2_metrics["step"],
+        "tokenizer_stage1_steps": tok_metrics["step"],
+        "tokenizer_stage2_steps": s2_metrics["step"],
         "dit_steps": dit_metrics["step"],
         "tokenizer_final": {k: v for k, v in tok_metrics.items() if isinstance(v, float)},
         "dit_final_loss": dit_metrics.get("loss"),
@@ -183,8 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tokenizer-steps", type=int, default=None, help="default: 400 on CPU, 3000 on GPU")
-    p.add_argument("--dit-steps", type=int, default=None, help="default: 600 on CPU, 4000 on GPU")
+    p.add_argument("--tokenizer-steps", type=int, default=None, help="stage-1 steps (default: 500 on CPU, 3000 on GPU)")
+    p.add_argument(
+        "--stage2-steps",
+        type=int,
+        default=None,
+        help="stage-2 (decoder) steps (default: 300 on CPU, 1500 on GPU; 0 skips)",
+    )
+    p.add_argument("--dit-steps", type=int, default=None, help="default: 400 on CPU, 4000 on GPU")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
