@@ -1,5 +1,9 @@
 """Triton kernels for MAE-style token selection: ``gather_tokens`` and ``restore_tokens``.
 
+Every kernel is memory-safe for any index value (the launchers do not check index ranges, which
+would sync with the host): ``gather_tokens`` reads an id outside [0, N) as a zero row (its gradient
+goes nowhere); ``restore_tokens`` inserts the mask token for any id outside [0, K).
+
 ``gather_tokens``: ``out[b, k] = x[b, ids[b, k]] (+ pos[ids[b, k]])``.  ``x`` may be a table shared
 by the batch (batch stride 0), e.g. RoPE rows.  One program per (b, tile of BLOCK_K tokens) streams
 D in BLOCK_D chunks.
@@ -50,6 +54,7 @@ def gather_tokens_fwd_kernel(
     POS,  # pos: (N, D) strides (stride_pn, stride_pd); unused unless HAS_POS
     OUT,  # out: (B, K, D) contiguous
     K,
+    N,  # rows of x: an id outside [0, N) reads a zero row (memory-safe for any id, no host check)
     D,
     n_kblocks,  # cdiv(K, BLOCK_K)
     stride_xb,
@@ -70,14 +75,17 @@ def gather_tokens_fwd_kernel(
     ks = (pid % n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)  # (BLOCK_K,)
     kmask = ks < K
     rows = tl.load(IDS + b * stride_ib + ks * stride_ik, mask=kmask, other=0).to(tl.int64)  # (BLOCK_K,)
+    rvalid = (rows >= 0) & (rows < N)  # (BLOCK_K,)
+    rows = tl.where(rvalid, rows, 0)  # no address arithmetic on a bad id
     x_row = X + b * stride_xb + rows[:, None] * stride_xn  # (BLOCK_K, 1)
     o_row = OUT + (b * K + ks)[:, None] * D  # (BLOCK_K, 1)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
         m = kmask[:, None] & (cols < D)[None, :]
-        v = tl.load(x_row + cols[None, :] * stride_xd, mask=m, other=0.0)
+        rm = m & rvalid[:, None]
+        v = tl.load(x_row + cols[None, :] * stride_xd, mask=rm, other=0.0)
         if HAS_POS:
-            p = tl.load(POS + rows[:, None] * stride_pn + cols[None, :] * stride_pd, mask=m, other=0.0)
+            p = tl.load(POS + rows[:, None] * stride_pn + cols[None, :] * stride_pd, mask=rm, other=0.0)
             if FP64:
                 v = v.to(tl.float64) + p.to(tl.float64)
             else:
@@ -166,7 +174,8 @@ def restore_tokens_fwd_kernel(
     ns = (pid % n_nblocks) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
     nmask = ns < N
     j = tl.load(IDS + b * stride_ib + ns * stride_in, mask=nmask, other=0).to(tl.int64)  # (BLOCK_N,)
-    vis = j < K
+    vis = (j >= 0) & (j < K)  # any other id (>= K or out of range) takes the mask token
+    j = tl.where(vis, j, 0)
     o_row = OUT + (b * N + ns)[:, None] * D  # (BLOCK_N, 1)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
@@ -224,7 +233,8 @@ def restore_tokens_bwd_kernel(
         acc_pos = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for b in range(0, B):
         j = tl.load(IDS + b * stride_ib + ns * stride_in, mask=nmask, other=0).to(tl.int64)  # (BLOCK_N,)
-        vis = j < K
+        vis = (j >= 0) & (j < K)  # as in the forward: other ids took the mask token
+        j = tl.where(vis, j, 0)
         g = tl.load(GO + b * stride_gb + ns[:, None] * stride_gn + cols[None, :] * stride_gd, mask=m, other=0.0)
         tl.store(
             GVIS + (b * K + j)[:, None] * D + cols[None, :],

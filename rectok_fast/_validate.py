@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -24,7 +25,9 @@ def check_tensor(
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
-            raise ValueError(f"{op}: `{name}` must have rank {' or '.join(map(str, allowed))}, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: `{name}` must have rank {' or '.join(map(str, allowed))}, got shape {tuple(t.shape)}"
+            )
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
@@ -48,13 +51,32 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...]) 
         raise ValueError(f"{op}: `{name}` must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+CHECK_INDICES_ENV = "RECTOK_FAST_CHECK_INDICES"
+
+
+def index_checks_enabled() -> bool:
+    """Whether eager functionals validate index values (``RECTOK_FAST_CHECK_INDICES``, default on).
+
+    The check reads the indices back to the host (a device sync on CUDA); set the variable to ``0``
+    to skip it in eager training loops.  The registered ops never check (they run inside compiled
+    graphs): their kernels are memory-safe for any index value instead.  Read at every call.
+    """
+    return os.environ.get(CHECK_INDICES_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def data_checks_active(t: torch.Tensor) -> bool:
+    """True when a data-dependent (host-syncing) check of ``t`` should run: eager, not meta, not
+    empty, and :func:`index_checks_enabled`."""
+    return not (torch.compiler.is_compiling() or t.numel() == 0 or t.device.type == "meta") and index_checks_enabled()
+
+
 def check_index_range(op: str, name: str, idx: torch.Tensor, upper: int) -> None:
     """Raise ``ValueError`` when an index tensor has entries outside ``[0, upper)``.
 
-    Skipped while tracing under ``torch.compile`` (the data-dependent check would cause a graph
-    break); eager calls, which is where user mistakes show up first, always check.
+    A host sync, so it runs only in eager functionals: skipped while tracing under ``torch.compile``
+    (the data-dependent check would cause a graph break) and when ``RECTOK_FAST_CHECK_INDICES=0``.
     """
-    if torch.compiler.is_compiling() or idx.numel() == 0 or idx.device.type == "meta":
+    if not data_checks_active(idx):
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= upper:

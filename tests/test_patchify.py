@@ -230,6 +230,20 @@ def test_bad_input_raises_naming_argument(call, exc, name):
         call()
 
 
+def test_eager_ids_checks_can_be_turned_off(monkeypatch):
+    """RECTOK_FAST_CHECK_INDICES=0 skips the functionals' host-syncing checks (range and duplicates)."""
+    x = torch.randn(1, 3, 4, 4)
+    dup = torch.tensor([[1, 1]])
+    with pytest.raises(ValueError, match="`ids_keep`"):
+        patchify(x, 2, dup, backend="reference")
+    monkeypatch.setenv("RECTOK_FAST_CHECK_INDICES", "0")
+    out = patchify(x, 2, dup, backend="reference")
+    full = ref_patchify(x, 2)
+    assert torch.equal(out, full[:, [1, 1]])
+    with pytest.raises(RuntimeError, match="duplicate"):  # the CPU kernel still checks (no device sync there)
+        patchify(x, 2, dup, backend="cpp")
+
+
 def test_cpu_kernel_checks_ids_directly():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(RuntimeError, match="ids_keep"):

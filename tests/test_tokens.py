@@ -446,16 +446,78 @@ def test_restore_bad_input(kernel_device, backend):
             call()
 
 
-def test_launcher_rejects_out_of_range_ids_directly(kernel_device):
-    """The registered op validates too: an out-of-range index never reaches a kernel."""
+def test_registered_ops_are_memory_safe_for_out_of_range_ids(kernel_device):
+    """The registered ops (what compiled graphs run) never check ids on the host: the kernels
+    read an id outside [0, N) as a zero row (gather) or insert the mask token for an id outside
+    [0, K) (restore), and the backwards send those rows' gradients nowhere."""
+    dev = kernel_device
+    B, N, K, D = 2, 5, 3, 3
+    x = _leaf(torch.randn(B, N, D, device=dev))
+    pos = _leaf(torch.randn(N, D, device=dev))
+    ids = torch.tensor([[1, 5, -1], [-7, 4, 1000]], device=dev)
+    valid = (ids >= 0) & (ids < N)
+    out = gather_tokens_fwd(x, ids, pos)
+    safe = torch.where(valid, ids, 0)
+    expect = torch.where(valid.unsqueeze(-1), ref.gather_tokens(x, safe, pos), 0.0)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    g = torch.randn(B, K, D, device=dev)
+    gx, gpos = _grads(out, (x, pos), g)
+    gx_ref, gpos_ref = _grads(ref.gather_tokens(x, safe, pos), (x, pos), g * valid.unsqueeze(-1))
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gpos, gpos_ref)
+
+    Kv = 2
+    vis = _leaf(torch.randn(B, Kv, D, device=dev))
+    mt = _leaf(torch.randn(D, device=dev))
+    rid = torch.tensor([[0, -1, 2, 9, 1], [1, 0, -100, 4, 3]], device=dev)
+    out = restore_tokens_fwd(vis, rid, mt, None)
+    in_vis = (rid >= 0) & (rid < Kv)
+    expect = ref.restore_tokens(vis, torch.where(in_vis, rid, Kv), mt)  # Kv: a masked slot
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    g = torch.randn(B, N, D, device=dev)
+    gvis, gmt = _grads(out, (vis, mt), g)
+    gvis_ref, gmt_ref = _grads(expect, (vis, mt), g)
+    torch.testing.assert_close(gvis, gvis_ref)
+    torch.testing.assert_close(gmt, gmt_ref)
+
+
+def test_eager_index_check_can_be_turned_off(kernel_device, monkeypatch):
+    """RECTOK_FAST_CHECK_INDICES=0 skips the eager (host-syncing) range check of the functionals."""
     x = torch.randn(2, 5, 3, device=kernel_device)
+    ids = torch.tensor([[0, 5], [6, 1]], device=kernel_device)
     with pytest.raises(ValueError, match="`ids_keep`"):
-        gather_tokens_fwd(x, torch.full((2, 2), 5, device=kernel_device), None)
-    ids = _restore_ids(2, 5, kernel_device)
-    with pytest.raises(ValueError, match="`ids_restore`"):
-        restore_tokens_fwd(
-            torch.randn(2, 2, 3, device=kernel_device), ids * 2, torch.randn(3, device=kernel_device), None
-        )
+        gather_tokens(x, ids, backend="triton")
+    monkeypatch.setenv("RECTOK_FAST_CHECK_INDICES", "0")
+    out = gather_tokens(x, ids, backend="triton")
+    assert torch.equal(out[0, 0], x[0, 0]) and torch.equal(out[1, 1], x[1, 1])
+    assert not out[0, 1].any() and not out[1, 0].any()
+    vis, mt = torch.randn(2, 2, 3, device=kernel_device), torch.randn(3, device=kernel_device)
+    out = restore_tokens(vis, torch.tensor([[0, 7, 1], [-1, 1, 0]], device=kernel_device), mt, backend="triton")
+    assert torch.equal(out[0, 1], mt) and torch.equal(out[1, 0], mt) and torch.equal(out[1, 2], vis[1, 0])
+
+
+@pytest.mark.cuda_only
+def test_registered_ops_do_not_sync_with_the_host():
+    """Forward and backward of both ops through the registered ops under CUDA's sync debug mode."""
+    dev = "cuda"
+    B, N, K, D = 3, 64, 16, 96
+    x = _leaf(torch.randn(B, N, D, device=dev))
+    ids = _keep_ids(B, N, K, dev)
+    vis = _leaf(torch.randn(B, K, D, device=dev))
+    mt = _leaf(torch.randn(D, device=dev))
+    pos = _leaf(torch.randn(N, D, device=dev))
+    rid = _restore_ids(B, N, dev)
+    gather_tokens_fwd(x, ids, None).sum().backward()  # warm up (compile the kernels)
+    restore_tokens_fwd(vis, rid, mt, pos).sum().backward()
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gather_tokens_fwd(x, ids, None).sum().backward()
+        restore_tokens_fwd(vis, rid, mt, pos).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- fuzzing

@@ -11,9 +11,10 @@ runs :mod:`rectok_fast.reference.patchify`.  The path that ran is readable with
 
 ``ids_keep`` (B, K) holds, per row, the indices of the kept grid cells (MAE's visible patches): they
 must be in ``[0, N)`` and unique per row (then ``unpatchify`` with ``ids_keep`` is the exact adjoint
-of ``patchify`` with ``ids_keep``).  The functionals check this in eager mode; under
-``torch.compile`` the data-dependent check is skipped (the CPU kernel still checks, the CUDA kernel
-never reads or writes out of bounds).
+of ``patchify`` with ``ids_keep``).  The functionals check this in eager mode (a host sync on CUDA);
+under ``torch.compile`` or with the environment variable ``RECTOK_FAST_CHECK_INDICES=0`` the
+data-dependent check is skipped (the CPU kernel still checks, the CUDA kernel never reads or writes
+out of bounds: a token with an out-of-range id is zero in ``patchify`` and dropped in ``unpatchify``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import torch
 
 from .. import load_extension
 from .._backend import BACKENDS_CPP, record
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
+from .._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_range,
+    check_same_device,
+    check_tensor,
+    data_checks_active,
+)
 from ..reference.patchify import patchify as _ref_patchify
 from ..reference.patchify import unpatchify as _ref_unpatchify
 
@@ -102,7 +110,7 @@ def _check_ids(
         raise ValueError(f"{op}: `ids_keep` must have shape ({B}, {'K' if K is None else K}), got {tuple(ids.shape)}")
     ids = ids.long()
     check_index_range(op, "ids_keep", ids, n_cells)
-    if not torch.compiler.is_compiling() and ids.numel() > 0 and ids.device.type != "meta":
+    if data_checks_active(ids):  # a host sync: eager only, off with RECTOK_FAST_CHECK_INDICES=0
         srt = ids.sort(dim=1).values
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
             raise ValueError(f"{op}: `ids_keep` has duplicate entries in a row; the kept grid cells must be unique")
@@ -136,6 +144,8 @@ def patchify(
         images: (B, C, H, W) float32/float64/float16/bfloat16, H and W divisible by ``patch_size``.
         patch_size: p.
         ids_keep: optional (B, K) int64/int32 indices in [0, N) of the grid cells to keep, unique per row.
+            Checked in eager mode (``ValueError`` naming ``ids_keep``; a host sync on CUDA), skipped
+            under ``torch.compile`` and with ``RECTOK_FAST_CHECK_INDICES=0``.
         backend: ``"auto"`` | ``"cpp"`` | ``"reference"``.
 
     Returns:
@@ -171,7 +181,8 @@ def unpatchify(
         channels: C.
         grid: gh (= gw) or (gh, gw).
         ids_keep: optional (B, K) indices of the grid cells the K tokens belong to (unique per row);
-            the other cells are zero (the adjoint of ``patchify(..., ids_keep)``).
+            the other cells are zero (the adjoint of ``patchify(..., ids_keep)``).  Checked as in
+            :func:`patchify` (eager only; ``RECTOK_FAST_CHECK_INDICES=0`` turns it off).
         backend: ``"auto"`` | ``"cpp"`` | ``"reference"``.
 
     Returns:

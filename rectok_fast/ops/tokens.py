@@ -123,7 +123,9 @@ def _check_restore(
 
 
 def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    B, K, N, D, shared = _check_gather(x, ids_keep, pos, check_range=True)
+    # no index-range check here: this runs inside compiled graphs and must not sync with the host;
+    # the kernel reads out-of-range ids as zero rows instead
+    B, K, N, D, shared = _check_gather(x, ids_keep, pos, check_range=False)
     out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
     out = torch.empty((B, K, D), device=x.device, dtype=out_dtype)
     if out.numel() == 0:
@@ -139,6 +141,7 @@ def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | Non
         p,
         out,
         K,
+        N,
         D,
         n_kblocks,
         sxb,
@@ -168,8 +171,10 @@ def _gather_bwd(
     if B * K == 0 or R * D == 0:
         return torch.zeros(out_shape, device=grad_out.device, dtype=dtype)
     keys = ids_keep.to(torch.int64)
+    valid = (keys >= 0) & (keys < num_rows)  # out-of-range ids (zero rows forward) add nowhere
     if not shared:
         keys = keys + torch.arange(B, device=keys.device, dtype=torch.int64).unsqueeze(1) * num_rows
+    keys = torch.where(valid, keys, -1)  # sorted before offsets[0]: never summed
     sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
     offsets = torch.searchsorted(sorted_keys, torch.arange(R + 1, device=keys.device, dtype=torch.int64))
     dst = torch.empty(out_shape, device=grad_out.device, dtype=dtype)
@@ -198,7 +203,8 @@ def _gather_bwd(
 def _restore_fwd(
     visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor | None
 ) -> torch.Tensor:
-    B, K, N, D = _check_restore(visible, ids_restore, mask_token, pos, check_range=True)
+    # no index-range check (no host sync inside compiled graphs): ids outside [0, K) read the mask token
+    B, K, N, D = _check_restore(visible, ids_restore, mask_token, pos, check_range=False)
     out_dtype = visible.dtype if pos is None else torch.promote_types(visible.dtype, pos.dtype)
     out = torch.empty((B, N, D), device=visible.device, dtype=out_dtype)
     if out.numel() == 0:
@@ -418,6 +424,13 @@ def gather_tokens(
         pos: optional (N, D) or (1, N, D) position table, added to the gathered rows.
         backend: ``"auto"`` (Triton on CUDA, the reference otherwise), ``"triton"`` or ``"reference"``.
 
+    Raises:
+        ValueError: naming ``ids_keep`` when an entry is outside [0, N).  This eager check reads the
+            ids back to the host (a device sync); it is skipped under ``torch.compile`` and when the
+            environment variable ``RECTOK_FAST_CHECK_INDICES=0``.  Without it the Triton path reads an
+            out-of-range id as a zero row (no memory error, no gradient); the reference path's
+            ``torch.gather`` may raise a device-side error.
+
     Returns:
         (B, K, D), dtype of ``x`` (promoted with ``pos``'s).  Gradients reach ``x`` and ``pos``
         (summed over the batch for shared tables), accumulated in fp32 in a fixed order.
@@ -425,9 +438,9 @@ def gather_tokens(
     check_tensor("gather_tokens", "x", x)
     check_tensor("gather_tokens", "ids_keep", ids_keep)
     chosen = resolve_triton_backend("gather_tokens", backend, x, ids_keep, pos)
-    # shapes are checked here for both paths (also while tracing under torch.compile); the index
-    # range (a host sync) once: here for the reference, in the launcher for the kernel
-    _check_gather(x, ids_keep, pos, check_range=chosen == "reference")
+    # shapes are checked for both paths (also while tracing under torch.compile); the index range (a
+    # host sync) only here, in eager mode, unless RECTOK_FAST_CHECK_INDICES=0: the registered op never syncs
+    _check_gather(x, ids_keep, pos, check_range=True)
     if chosen == "reference":
         return _ref.gather_tokens(x, ids_keep, pos)
     return gather_tokens_fwd(x, ids_keep, pos)
@@ -452,6 +465,12 @@ def restore_tokens(
         pos: optional (N, D) or (1, N, D) position embedding.
         backend: ``"auto"`` (Triton on CUDA, the reference otherwise), ``"triton"`` or ``"reference"``.
 
+    Raises:
+        ValueError: naming ``ids_restore`` when an entry is outside [0, N).  This eager check reads
+            the ids back to the host (a device sync); it is skipped under ``torch.compile`` and when
+            the environment variable ``RECTOK_FAST_CHECK_INDICES=0``.  Without it the Triton path
+            inserts the mask token wherever an id is outside [0, K) (negative ones included).
+
     Returns:
         (B, N, D), dtype of ``visible`` (promoted with ``pos``'s).  Gradients reach ``visible``,
         ``mask_token`` (sum over masked positions) and ``pos`` (sum over the batch), reduced in fp32.
@@ -460,7 +479,7 @@ def restore_tokens(
     check_tensor("restore_tokens", "ids_restore", ids_restore)
     check_tensor("restore_tokens", "mask_token", mask_token)
     chosen = resolve_triton_backend("restore_tokens", backend, visible, ids_restore, mask_token, pos)
-    _check_restore(visible, ids_restore, mask_token, pos, check_range=chosen == "reference")
+    _check_restore(visible, ids_restore, mask_token, pos, check_range=True)
     if chosen == "reference":
         return _ref.restore_tokens(visible, ids_restore, mask_token, pos)
     return restore_tokens_fwd(visible, ids_restore, mask_token, pos)
