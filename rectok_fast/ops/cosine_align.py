@@ -10,51 +10,24 @@ token (dot, ||pred||, ||target||); the backward reads pred and target once and r
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import reference
-from .._backend import record, resolve_triton_backend
+from .._backend import resolve_triton_backend
 from .._validate import check_same_device, check_shape, check_tensor
 from ..kernels.cosine_align import cosine_align_bwd_kernel, cosine_align_fwd_kernel
+from ._common import (
+    FLOAT_DTYPES,
+    flatten_rows,
+    kernel_backend,
+    row_loss_bwd,
+    row_loss_bwd_fake,
+    row_loss_fwd,
+    row_loss_fwd_fake,
+    row_tile_config,
+)
 
 OP = "cosine_align_loss"
 EPS = 1e-8
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def row_tile_config(M: int, D: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) for row-wise kernels over (M, D) that loop over D.
-
-    BLOCK_D <= 1024, so wider rows loop over D.  On a GPU a tile holds ~4096 elements; under the
-    CPU interpreter, where each program instance costs about the same whatever its size, tiles hold
-    up to 16x more rows.
-    """
-    interp = device.type == "cpu"
-    block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
-    budget = 65536 if interp else 4096
-    block_m = max(1, min(budget // block_d, triton.next_power_of_2(max(M, 1))))
-    num_warps = 4 if block_m * block_d <= 2048 else 8
-    return block_m, block_d, num_warps
-
-
-def kernel_backend(op: str, backend: str, chosen: str, *tensors: torch.Tensor) -> str:
-    """fp64 inputs run the reference under ``"auto"`` and raise under ``"triton"`` (the kernels are fp32)."""
-    if chosen == "triton" and any(t.dtype not in KERNEL_DTYPES for t in tensors):
-        if backend == "triton":
-            raise TypeError(
-                f"{op}: backend='triton' supports fp16/bf16/fp32 inputs, got {[str(t.dtype) for t in tensors]}"
-            )
-        chosen = "reference"
-        record(op, chosen)
-    return chosen
-
-
-def _count(weight: torch.Tensor | None, M: int, device: torch.device) -> torch.Tensor:
-    """Denominator of the mean (0-dim fp32): number of tokens, or the clamped sum of the weights."""
-    if weight is None:
-        return torch.full((), float(M), dtype=torch.float32, device=device)
-    return weight.sum().clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -65,38 +38,12 @@ def cosine_align_fwd(
     pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pred, target: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 3) fp32)."""
-    M, D = pred.shape
-    stats = torch.empty((M, 3), dtype=torch.float32, device=pred.device)
-    rowloss = torch.empty((M,), dtype=torch.float32, device=pred.device)
-    if M > 0:
-        block_m, block_d, num_warps = row_tile_config(M, D, pred.device)
-        cosine_align_fwd_kernel[(triton.cdiv(M, block_m),)](
-            pred,
-            target,
-            weight if weight is not None else rowloss,
-            stats,
-            rowloss,
-            M,
-            D,
-            pred.stride(0),
-            pred.stride(1),
-            target.stride(0),
-            target.stride(1),
-            float(margin),
-            EPS,
-            HAS_WEIGHT=weight is not None,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
-    loss = rowloss.sum() / _count(weight, M, pred.device)
-    return loss, stats
+    return row_loss_fwd(cosine_align_fwd_kernel, pred, target, weight, (float(margin), EPS))
 
 
 @cosine_align_fwd.register_fake
 def _(pred, target, weight, margin):
-    M = pred.shape[0]
-    return pred.new_empty((), dtype=torch.float32), pred.new_empty((M, 3), dtype=torch.float32)
+    return row_loss_fwd_fake(pred)
 
 
 @torch.library.custom_op("rectok_fast::cosine_align_bwd", mutates_args=())
@@ -110,42 +57,12 @@ def cosine_align_bwd(
     grad_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad: 0-dim -> (dpred (M, D) in pred's dtype, dtarget (M, D) or (0,) when not grad_target)."""
-    M, D = pred.shape
-    dpred = torch.empty((M, D), dtype=pred.dtype, device=pred.device)
-    dtarget = torch.empty((M, D) if grad_target else (0,), dtype=target.dtype, device=target.device)
-    if M > 0 and D > 0:
-        scale = (grad.float() / _count(weight, M, pred.device)).contiguous()
-        block_m, block_d, num_warps = row_tile_config(M, D, pred.device)
-        cosine_align_bwd_kernel[(triton.cdiv(M, block_m),)](
-            pred,
-            target,
-            weight if weight is not None else stats,
-            stats,
-            scale,
-            dpred,
-            dtarget if grad_target else dpred,
-            M,
-            D,
-            pred.stride(0),
-            pred.stride(1),
-            target.stride(0),
-            target.stride(1),
-            float(margin),
-            EPS,
-            HAS_WEIGHT=weight is not None,
-            GRAD_TARGET=grad_target,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
-    return dpred, dtarget
+    return row_loss_bwd(cosine_align_bwd_kernel, grad, pred, target, weight, stats, (float(margin), EPS), grad_target)
 
 
 @cosine_align_bwd.register_fake
 def _(grad, pred, target, weight, stats, margin, grad_target):
-    dpred = pred.new_empty(pred.shape)
-    dtarget = target.new_empty(target.shape if grad_target else (0,))
-    return dpred, dtarget
+    return row_loss_bwd_fake(pred, target, grad_target)
 
 
 def _setup_context(ctx, inputs, output):
@@ -208,12 +125,7 @@ def cosine_align_loss(
     chosen = kernel_backend(OP, backend, resolve_triton_backend(OP, backend, pred, target, mask), pred, target)
     if chosen == "reference":
         return reference.cosine_align_loss(pred, target, mask, margin, grad_target=grad_target)
-    D = pred.shape[-1]
-    p2 = pred.reshape(-1, D)
-    t2 = target.reshape(-1, D)
-    if not grad_target:
-        t2 = t2.detach()
-    weight = None if mask is None else mask.detach().reshape(-1).to(torch.float32).contiguous()
+    p2, t2, weight = flatten_rows(pred, target, mask, grad_target)
     loss, _ = cosine_align_fwd(p2, t2, weight, float(margin))
     return loss
 

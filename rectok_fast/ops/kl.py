@@ -15,10 +15,15 @@ from .._backend import resolve_triton_backend
 from .._validate import check_same_device, check_shape, check_tensor
 from ..kernels.kl import gaussian_kl_bwd_kernel, gaussian_kl_fwd_kernel, kl_align_bwd_kernel, kl_align_fwd_kernel
 from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
-from .cosine_align import _count, kernel_backend, row_tile_config
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+from ._common import (
+    FLOAT_DTYPES,
+    flatten_rows,
+    kernel_backend,
+    row_loss_bwd,
+    row_loss_bwd_fake,
+    row_loss_fwd,
+    row_loss_fwd_fake,
+)
 
 # ============================================================================= gaussian KL
 
@@ -165,38 +170,14 @@ def kl_align_fwd(
     student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """student, teacher: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 3) fp32)."""
-    M, D = student.shape
-    stats = torch.empty((M, 3), dtype=torch.float32, device=student.device)
-    rowloss = torch.empty((M,), dtype=torch.float32, device=student.device)
-    if M > 0:
-        block_m, block_d, num_warps = row_tile_config(M, D, student.device)
-        kl_align_fwd_kernel[(triton.cdiv(M, block_m),)](
-            student,
-            teacher,
-            weight if weight is not None else rowloss,
-            stats,
-            rowloss,
-            M,
-            D,
-            student.stride(0),
-            student.stride(1),
-            teacher.stride(0),
-            teacher.stride(1),
-            1.0 / float(temperature),
-            float(temperature) ** 2,
-            HAS_WEIGHT=weight is not None,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
-    loss = rowloss.sum() / _count(weight, M, student.device)
-    return loss, stats
+    return row_loss_fwd(
+        kl_align_fwd_kernel, student, teacher, weight, (1.0 / float(temperature), float(temperature) ** 2)
+    )
 
 
 @kl_align_fwd.register_fake
 def _(student, teacher, weight, temperature):
-    M = student.shape[0]
-    return student.new_empty((), dtype=torch.float32), student.new_empty((M, 3), dtype=torch.float32)
+    return row_loss_fwd_fake(student)
 
 
 @torch.library.custom_op("rectok_fast::kl_align_bwd", mutates_args=())
@@ -210,40 +191,13 @@ def kl_align_bwd(
     grad_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad: 0-dim -> (dstudent (M, D), dteacher (M, D) or (0,) when not grad_target)."""
-    M, D = student.shape
-    dstudent = torch.empty((M, D), dtype=student.dtype, device=student.device)
-    dteacher = torch.empty((M, D) if grad_target else (0,), dtype=teacher.dtype, device=teacher.device)
-    if M > 0:
-        scale = (grad.float() / _count(weight, M, student.device)).contiguous()
-        block_m, block_d, num_warps = row_tile_config(M, D, student.device)
-        kl_align_bwd_kernel[(triton.cdiv(M, block_m),)](
-            student,
-            teacher,
-            weight if weight is not None else stats,
-            stats,
-            scale,
-            dstudent,
-            dteacher if grad_target else dstudent,
-            M,
-            D,
-            student.stride(0),
-            student.stride(1),
-            teacher.stride(0),
-            teacher.stride(1),
-            1.0 / float(temperature),
-            float(temperature),
-            HAS_WEIGHT=weight is not None,
-            GRAD_TARGET=grad_target,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
-    return dstudent, dteacher
+    scalars = (1.0 / float(temperature), float(temperature))
+    return row_loss_bwd(kl_align_bwd_kernel, grad, student, teacher, weight, stats, scalars, grad_target)
 
 
 @kl_align_bwd.register_fake
 def _(grad, student, teacher, weight, stats, temperature, grad_target):
-    return student.new_empty(student.shape), teacher.new_empty(teacher.shape if grad_target else (0,))
+    return row_loss_bwd_fake(student, teacher, grad_target)
 
 
 def _kla_setup_context(ctx, inputs, output):
@@ -303,12 +257,7 @@ def kl_align_loss(
     chosen = kernel_backend(op, backend, chosen, student, teacher)
     if chosen == "reference":
         return reference.kl_align_loss(student, teacher, temperature, mask, grad_target=grad_target)
-    D = student.shape[-1]
-    s2 = student.reshape(-1, D)
-    t2 = teacher.reshape(-1, D)
-    if not grad_target:
-        t2 = t2.detach()
-    weight = None if mask is None else mask.detach().reshape(-1).to(torch.float32).contiguous()
+    s2, t2, weight = flatten_rows(student, teacher, mask, grad_target)
     loss, _ = kl_align_fwd(s2, t2, weight, float(temperature))
     return loss
 

@@ -1,0 +1,147 @@
+"""Pieces shared by the row-wise loss ops (:mod:`.cosine_align`, :mod:`.kl`'s ``kl_align``).
+
+Both losses are the same chain over (M, D) rows with a per-row statistic: a forward kernel writes
+a weighted per-row loss and 3 fp32 stats per row, the backward kernel reads both inputs once more
+and scales by ``grad / count``.  The kernels share one argument layout::
+
+    fwd(A, B, W, STATS, ROWLOSS, M, D, *A.strides, *B.strides, *scalars, HAS_WEIGHT, BLOCK_M, BLOCK_D)
+    bwd(A, B, W, STATS, SCALE, DA, DB, M, D, *A.strides, *B.strides, *scalars,
+        HAS_WEIGHT, GRAD_TARGET, BLOCK_M, BLOCK_D)
+
+so the launchers, fakes, backend fallback and the flattening of the functionals live here once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._backend import record
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def row_tile_config(M: int, D: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) for row-wise kernels over (M, D) that loop over D.
+
+    BLOCK_D <= 1024, so wider rows loop over D.  On a GPU a tile holds ~4096 elements; under the
+    CPU interpreter, where each program instance costs about the same whatever its size, tiles hold
+    up to 16x more rows.
+    """
+    interp = device.type == "cpu"
+    block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
+    budget = 65536 if interp else 4096
+    block_m = max(1, min(budget // block_d, triton.next_power_of_2(max(M, 1))))
+    num_warps = 4 if block_m * block_d <= 2048 else 8
+    return block_m, block_d, num_warps
+
+
+def kernel_backend(op: str, backend: str, chosen: str, *tensors: torch.Tensor) -> str:
+    """fp64 inputs run the reference under ``"auto"`` and raise under ``"triton"`` (the kernels are fp32)."""
+    if chosen == "triton" and any(t.dtype not in KERNEL_DTYPES for t in tensors):
+        if backend == "triton":
+            raise TypeError(
+                f"{op}: backend='triton' supports fp16/bf16/fp32 inputs, got {[str(t.dtype) for t in tensors]}"
+            )
+        chosen = "reference"
+        record(op, chosen)
+    return chosen
+
+
+def mean_count(weight: torch.Tensor | None, M: int, device: torch.device) -> torch.Tensor:
+    """Denominator of the mean (0-dim fp32): number of tokens, or the clamped sum of the weights."""
+    if weight is None:
+        return torch.full((), float(M), dtype=torch.float32, device=device)
+    return weight.sum().clamp_min(1.0)
+
+
+def flatten_rows(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, grad_target: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(..., D) inputs -> (M, D) views (``b`` detached unless ``grad_target``) and the (M,) fp32 weight."""
+    D = a.shape[-1]
+    a2, b2 = a.reshape(-1, D), b.reshape(-1, D)
+    if not grad_target:
+        b2 = b2.detach()
+    weight = None if mask is None else mask.detach().reshape(-1).to(torch.float32).contiguous()
+    return a2, b2, weight
+
+
+def row_loss_fwd(
+    kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None, scalars: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch a row-loss forward kernel: (loss 0-dim fp32 = Σ rowloss / count, stats (M, 3) fp32)."""
+    M, D = a.shape
+    stats = torch.empty((M, 3), dtype=torch.float32, device=a.device)
+    rowloss = torch.empty((M,), dtype=torch.float32, device=a.device)
+    if M > 0:
+        block_m, block_d, num_warps = row_tile_config(M, D, a.device)
+        kernel[(triton.cdiv(M, block_m),)](
+            a,
+            b,
+            weight if weight is not None else rowloss,  # dummy pointer when HAS_WEIGHT=False
+            stats,
+            rowloss,
+            M,
+            D,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            *scalars,
+            HAS_WEIGHT=weight is not None,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return rowloss.sum() / mean_count(weight, M, a.device), stats
+
+
+def row_loss_bwd(
+    kernel,
+    grad: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    scalars: tuple[float, ...],
+    grad_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch a row-loss backward kernel: (da (M, D) in a's dtype, db (M, D) or (0,) unless grad_target)."""
+    M, D = a.shape
+    da = torch.empty((M, D), dtype=a.dtype, device=a.device)
+    db = torch.empty((M, D) if grad_target else (0,), dtype=b.dtype, device=b.device)
+    if M > 0 and D > 0:
+        scale = (grad.float() / mean_count(weight, M, a.device)).contiguous()
+        block_m, block_d, num_warps = row_tile_config(M, D, a.device)
+        kernel[(triton.cdiv(M, block_m),)](
+            a,
+            b,
+            weight if weight is not None else stats,  # dummy pointer when HAS_WEIGHT=False
+            stats,
+            scale,
+            da,
+            db if grad_target else da,
+            M,
+            D,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            *scalars,
+            HAS_WEIGHT=weight is not None,
+            GRAD_TARGET=grad_target,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return da, db
+
+
+def row_loss_fwd_fake(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.new_empty((), dtype=torch.float32), a.new_empty((a.shape[0], 3), dtype=torch.float32)
+
+
+def row_loss_bwd_fake(a: torch.Tensor, b: torch.Tensor, grad_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.new_empty(a.shape), b.new_empty(b.shape if grad_target else (0,))
