@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._rows import load_pair, row_tile, store_row_loss, weighted
+
 
 @triton.jit
 def cosine_align_fwd_kernel(
@@ -31,18 +33,14 @@ def cosine_align_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
-    row_ok = rows < M
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    rows, row_ok, cols = row_tile(M, BLOCK_M, BLOCK_D)  # (BLOCK_M,), (BLOCK_M,), (BLOCK_D,)
     dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pp = tl.zeros((BLOCK_M,), dtype=tl.float32)
     tt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
-        p = tl.load(P + rows[:, None] * stride_pm + c[None, :] * stride_pd, mask=msk, other=0.0).to(tl.float32)
-        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        p, t = load_pair(P, T, rows, c, msk, stride_pm, stride_pd, stride_tm, stride_td)
         dot += tl.sum(p * t, axis=1)
         pp += tl.sum(p * p, axis=1)
         tt += tl.sum(t * t, axis=1)
@@ -50,12 +48,7 @@ def cosine_align_fwd_kernel(
     tn = tl.sqrt(tt)
     cos = dot / (tl.maximum(pn, eps) * tl.maximum(tn, eps))
     loss = tl.maximum(1.0 - cos - margin, 0.0)
-    if HAS_WEIGHT:
-        loss = loss * tl.load(W + rows, mask=row_ok, other=0.0)
-    tl.store(ROWLOSS + rows, loss, mask=row_ok)
-    tl.store(STATS + rows * 3, dot, mask=row_ok)
-    tl.store(STATS + rows * 3 + 1, pn, mask=row_ok)
-    tl.store(STATS + rows * 3 + 2, tn, mask=row_ok)
+    store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, dot, pn, tn, HAS_WEIGHT)
 
 
 @triton.jit
@@ -80,10 +73,7 @@ def cosine_align_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
-    row_ok = rows < M
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    rows, row_ok, cols = row_tile(M, BLOCK_M, BLOCK_D)  # (BLOCK_M,), (BLOCK_M,), (BLOCK_D,)
     dot = tl.load(STATS + rows * 3, mask=row_ok, other=0.0)
     pn = tl.load(STATS + rows * 3 + 1, mask=row_ok, other=1.0)
     tn = tl.load(STATS + rows * 3 + 2, mask=row_ok, other=1.0)
@@ -93,9 +83,7 @@ def cosine_align_bwd_kernel(
     # d loss / d cos = -scale * w  where relu is active (strictly positive, as torch's relu backward)
     g = tl.load(SCALE).to(tl.float32)
     active = (1.0 - cos - margin) > 0.0
-    coef = tl.where(active & row_ok, -g, 0.0)
-    if HAS_WEIGHT:
-        coef = coef * tl.load(W + rows, mask=row_ok, other=0.0)
+    coef = weighted(tl.where(active & row_ok, -g, 0.0), W, rows, row_ok, HAS_WEIGHT)
     inv = 1.0 / (pnc * tnc)
     # norms clamped at eps have zero gradient (clamp_min backward passes where norm >= eps)
     cp = tl.where(pn >= eps, cos / (pnc * pnc), 0.0)
@@ -103,8 +91,7 @@ def cosine_align_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
-        p = tl.load(P + rows[:, None] * stride_pm + c[None, :] * stride_pd, mask=msk, other=0.0).to(tl.float32)
-        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        p, t = load_pair(P, T, rows, c, msk, stride_pm, stride_pd, stride_tm, stride_td)
         dp = coef[:, None] * (t * inv[:, None] - p * cp[:, None])
         tl.store(DP + rows[:, None] * D + c[None, :], dp.to(DP.dtype.element_ty), mask=msk)
         if GRAD_TARGET:

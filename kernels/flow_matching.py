@@ -34,6 +34,36 @@ def _x0(SEED, X0, e, ok, HAS_NOISE: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _x1_x0(X1, SEED, X0, b, m, e, ok, stride_xb, stride_xm, HAS_NOISE: tl.constexpr, ACC: tl.constexpr):
+    """(x1, x0) of the BLOCK elements ``e`` of row ``b``, both in ACC (x0 loaded or regenerated)."""
+    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=ok, other=0.0).to(ACC)
+    return x1, _x0(SEED, X0, e, ok, HAS_NOISE, ACC)
+
+
+@triton.jit
+def _residual(
+    PRED,
+    X1,
+    SEED,
+    X0,
+    b,
+    m,
+    e,
+    ok,
+    stride_pb,
+    stride_pm,
+    stride_xb,
+    stride_xm,
+    HAS_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """``pred − (x1 − x0)`` in ACC for the BLOCK elements ``e`` of row ``b``."""
+    p = tl.load(PRED + b * stride_pb + m * stride_pm, mask=ok, other=0.0).to(ACC)
+    x1, x0 = _x1_x0(X1, SEED, X0, b, m, e, ok, stride_xb, stride_xm, HAS_NOISE, ACC)
+    return p - (x1 - x0)
+
+
+@triton.jit
 def flow_xt_fwd_kernel(
     X1,  # x1: (B, M), strides (stride_xb, stride_xm)
     T,  # t: (B,) contiguous
@@ -50,8 +80,7 @@ def flow_xt_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1).to(tl.int64)
     m, ok, e = _row(b, pid1, M, BLOCK)
-    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=ok, other=0.0).to(ACC)
-    x0 = _x0(SEED, X0, e, ok, HAS_NOISE, ACC)
+    x1, x0 = _x1_x0(X1, SEED, X0, b, m, e, ok, stride_xb, stride_xm, HAS_NOISE, ACC)
     tt = tl.load(T + b).to(ACC)
     xt = tt * x1 + (1.0 - tt) * x0
     tl.store(XT + e, xt.to(XT.dtype.element_ty), mask=ok)
@@ -77,8 +106,7 @@ def flow_xt_bwd_kernel(
     pid1 = tl.program_id(1).to(tl.int64)
     m, ok, e = _row(b, pid1, M, BLOCK)
     g = tl.load(GRAD + e, mask=ok, other=0.0).to(ACC)
-    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=ok, other=0.0).to(ACC)
-    x0 = _x0(SEED, X0, e, ok, HAS_NOISE, ACC)
+    x1, x0 = _x1_x0(X1, SEED, X0, b, m, e, ok, stride_xb, stride_xm, HAS_NOISE, ACC)
     tt = tl.load(T + b).to(ACC)
     tl.store(DX1 + e, (tt * g).to(DX1.dtype.element_ty), mask=ok)
     dt = tl.where(ok, g * (x1 - x0), 0.0).to(tl.float32)  # dx_t/dt = x1 − x0
@@ -104,10 +132,7 @@ def flow_loss_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1).to(tl.int64)
     m, ok, e = _row(b, pid1, M, BLOCK)
-    p = tl.load(PRED + b * stride_pb + m * stride_pm, mask=ok, other=0.0).to(ACC)
-    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=ok, other=0.0).to(ACC)
-    x0 = _x0(SEED, X0, e, ok, HAS_NOISE, ACC)
-    d = p - (x1 - x0)
+    d = _residual(PRED, X1, SEED, X0, b, m, e, ok, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
     sq = tl.where(ok, d * d, 0.0)
     tl.store(PART + b * tl.num_programs(1) + pid1, tl.sum(sq, axis=0).to(tl.float32))
 
@@ -134,10 +159,8 @@ def flow_loss_bwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1).to(tl.int64)
     m, ok, e = _row(b, pid1, M, BLOCK)
-    p = tl.load(PRED + b * stride_pb + m * stride_pm, mask=ok, other=0.0).to(ACC)
-    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=ok, other=0.0).to(ACC)
-    x0 = _x0(SEED, X0, e, ok, HAS_NOISE, ACC)
+    d = _residual(PRED, X1, SEED, X0, b, m, e, ok, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
     g = tl.load(GRAD).to(ACC)
-    dp = (2.0 * g) * (p - (x1 - x0)) / numel
+    dp = (2.0 * g) * d / numel
     tl.store(DPRED + e, dp.to(DPRED.dtype.element_ty), mask=ok)
     tl.store(DX1 + e, (-dp).to(DX1.dtype.element_ty), mask=ok)

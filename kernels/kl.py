@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._rows import load_pair, row_tile, store_row_loss, weighted
+
 # ----------------------------------------------------------------------------- gaussian KL
 
 
@@ -113,10 +115,7 @@ def kl_align_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
-    row_ok = rows < M
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    rows, row_ok, cols = row_tile(M, BLOCK_M, BLOCK_D)  # (BLOCK_M,), (BLOCK_M,), (BLOCK_D,)
     m_s = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     m_t = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -126,8 +125,7 @@ def kl_align_fwd_kernel(
         c = d0 + cols
         col_ok = (c < D)[None, :]  # (1, BLOCK_D)
         msk = row_ok[:, None] & col_ok  # (BLOCK_M, BLOCK_D)
-        s = tl.load(S + rows[:, None] * stride_sm + c[None, :] * stride_sd, mask=msk, other=0.0).to(tl.float32)
-        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        s, t = load_pair(S, T, rows, c, msk, stride_sm, stride_sd, stride_tm, stride_td)
         s = s * inv_temp
         t = t * inv_temp
         # padded columns are -inf for the max and contribute 0 to the sums; every chunk has >= 1 valid column
@@ -146,12 +144,7 @@ def kl_align_fwd_kernel(
     lse_t = m_t + tl.log(l_t)
     kl = acc / l_t - lse_t + lse_s
     loss = kl * temp_sq
-    if HAS_WEIGHT:
-        loss = loss * tl.load(W + rows, mask=row_ok, other=0.0)
-    tl.store(ROWLOSS + rows, loss, mask=row_ok)
-    tl.store(STATS + rows * 3, lse_s, mask=row_ok)
-    tl.store(STATS + rows * 3 + 1, lse_t, mask=row_ok)
-    tl.store(STATS + rows * 3 + 2, kl, mask=row_ok)
+    store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, lse_s, lse_t, kl, HAS_WEIGHT)
 
 
 @triton.jit
@@ -176,22 +169,16 @@ def kl_align_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
-    row_ok = rows < M
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    rows, row_ok, cols = row_tile(M, BLOCK_M, BLOCK_D)  # (BLOCK_M,), (BLOCK_M,), (BLOCK_D,)
     lse_s = tl.load(STATS + rows * 3, mask=row_ok, other=0.0)
     lse_t = tl.load(STATS + rows * 3 + 1, mask=row_ok, other=0.0)
     kl = tl.load(STATS + rows * 3 + 2, mask=row_ok, other=0.0)
     # d(T^2 KL)/ds = T (p_s - p_t);  d(T^2 KL)/dt = T p_t (log p_t - log p_s - KL)
-    coef = tl.where(row_ok, tl.load(SCALE).to(tl.float32) * temp, 0.0)
-    if HAS_WEIGHT:
-        coef = coef * tl.load(W + rows, mask=row_ok, other=0.0)
+    coef = weighted(tl.where(row_ok, tl.load(SCALE).to(tl.float32) * temp, 0.0), W, rows, row_ok, HAS_WEIGHT)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
-        s = tl.load(S + rows[:, None] * stride_sm + c[None, :] * stride_sd, mask=msk, other=0.0).to(tl.float32)
-        t = tl.load(T + rows[:, None] * stride_tm + c[None, :] * stride_td, mask=msk, other=0.0).to(tl.float32)
+        s, t = load_pair(S, T, rows, c, msk, stride_sm, stride_sd, stride_tm, stride_td)
         log_ps = s * inv_temp - lse_s[:, None]
         log_pt = t * inv_temp - lse_t[:, None]
         p_t = tl.exp(log_pt)

@@ -72,6 +72,26 @@ def normal_pair_kernel(
 
 
 @triton.jit
+def _noise(SEED, EPS1, EPS2, e, ok, HAS_NOISE: tl.constexpr, SAMPLE: tl.constexpr, ACC: tl.constexpr):
+    """(ε₁, ε₂) at element indices ``e`` in ACC: loaded (HAS_NOISE) or regenerated from the Philox
+    stream at ``SEED``.  Without SAMPLE ε₁ is not needed: ε₂ stands in for it (never read)."""
+    if HAS_NOISE:
+        eps2 = tl.load(EPS2 + e, mask=ok, other=0.0).to(ACC)
+        if SAMPLE:
+            eps1 = tl.load(EPS1 + e, mask=ok, other=0.0).to(ACC)
+        else:
+            eps1 = eps2
+    else:
+        a, b = philox_normal2(tl.load(SEED), e)
+        eps2 = b.to(ACC)
+        if SAMPLE:
+            eps1 = a.to(ACC)
+        else:
+            eps1 = eps2
+    return eps1, eps2
+
+
+@triton.jit
 def _tile(pid0, pid1, N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     n_blocks = tl.cdiv(N, BLOCK_N)
     b = pid0 // n_blocks
@@ -116,19 +136,7 @@ def posterior_flow_fwd_kernel(
     lv = tl.minimum(tl.maximum(lv, LOGVAR_MIN), LOGVAR_MAX)
     var = tl.exp(lv)
     tt = tl.load(T + b).to(ACC)
-    if HAS_NOISE:
-        eps2 = tl.load(EPS2 + e, mask=ok, other=0.0).to(ACC)
-        if SAMPLE:
-            eps1 = tl.load(EPS1 + e, mask=ok, other=0.0).to(ACC)
-    else:
-        seed = tl.load(SEED)
-        if SAMPLE:
-            eps1, eps2 = philox_normal2(seed, e)
-            eps1 = eps1.to(ACC)
-            eps2 = eps2.to(ACC)
-        else:
-            _, eps2 = philox_normal2(seed, e)
-            eps2 = eps2.to(ACC)
+    eps1, eps2 = _noise(SEED, EPS1, EPS2, e, ok, HAS_NOISE, SAMPLE, ACC)
     if SAMPLE:
         z = mean + tl.exp(0.5 * lv) * eps1
     else:
@@ -179,19 +187,7 @@ def posterior_flow_bwd_kernel(
     gkl = tl.load(GKL + b).to(ACC)
     gz = tl.load(GZ + e, mask=ok, other=0.0).to(ACC)
     gzt = tl.load(GZT + e, mask=ok, other=0.0).to(ACC)
-    if HAS_NOISE:
-        eps2 = tl.load(EPS2 + e, mask=ok, other=0.0).to(ACC)
-        if SAMPLE:
-            eps1 = tl.load(EPS1 + e, mask=ok, other=0.0).to(ACC)
-    else:
-        seed = tl.load(SEED)
-        if SAMPLE:
-            eps1, eps2 = philox_normal2(seed, e)
-            eps1 = eps1.to(ACC)
-            eps2 = eps2.to(ACC)
-        else:
-            _, eps2 = philox_normal2(seed, e)
-            eps2 = eps2.to(ACC)
+    eps1, eps2 = _noise(SEED, EPS1, EPS2, e, ok, HAS_NOISE, SAMPLE, ACC)
     dz = gz + (1.0 - tt) * gzt  # total gradient reaching z
     dmean = dz + gkl * mean
     dlv = 0.5 * gkl * (tl.exp(lv) - 1.0)

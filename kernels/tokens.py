@@ -44,6 +44,19 @@ def _cast(x, DTYPE: tl.constexpr, RTNE_BF16: tl.constexpr):
     return y
 
 
+@triton.jit
+def _plus_pos(v, POS_PTRS, mask, HAS_POS: tl.constexpr, FP64: tl.constexpr):
+    """``v + pos`` in fp64 (FP64) or fp32 with ``pos`` loaded from the (rows, BLOCK_D) pointer tile
+    ``POS_PTRS``; ``v`` unchanged unless HAS_POS."""
+    if HAS_POS:
+        p = tl.load(POS_PTRS, mask=mask, other=0.0)
+        if FP64:
+            v = v.to(tl.float64) + p.to(tl.float64)
+        else:
+            v = v.to(tl.float32) + p.to(tl.float32)
+    return v
+
+
 # ----------------------------------------------------------------------------- gather
 
 
@@ -84,12 +97,7 @@ def gather_tokens_fwd_kernel(
         m = kmask[:, None] & (cols < D)[None, :]
         rm = m & rvalid[:, None]
         v = tl.load(x_row + cols[None, :] * stride_xd, mask=rm, other=0.0)
-        if HAS_POS:
-            p = tl.load(POS + rows[:, None] * stride_pn + cols[None, :] * stride_pd, mask=rm, other=0.0)
-            if FP64:
-                v = v.to(tl.float64) + p.to(tl.float64)
-            else:
-                v = v.to(tl.float32) + p.to(tl.float32)
+        v = _plus_pos(v, POS + rows[:, None] * stride_pn + cols[None, :] * stride_pd, rm, HAS_POS, FP64)
         tl.store(o_row + cols[None, :], _cast(v, OUT.dtype.element_ty, RTNE_BF16), mask=m)
 
 
@@ -187,12 +195,7 @@ def restore_tokens_fwd_kernel(
         # the reference casts the mask token to visible's dtype before inserting it
         mt = _cast(tl.load(MT + cols * stride_m, mask=dmask, other=0.0), VIS.dtype.element_ty, RTNE_BF16)  # (BLOCK_D,)
         v = tl.where(vis[:, None], v, mt[None, :])
-        if HAS_POS:
-            p = tl.load(POS + ns[:, None] * stride_pn + cols[None, :] * stride_pd, mask=m, other=0.0)
-            if FP64:
-                v = v.to(tl.float64) + p.to(tl.float64)
-            else:
-                v = v.to(tl.float32) + p.to(tl.float32)
+        v = _plus_pos(v, POS + ns[:, None] * stride_pn + cols[None, :] * stride_pd, m, HAS_POS, FP64)
         tl.store(o_row + cols[None, :], _cast(v, OUT.dtype.element_ty, RTNE_BF16), mask=m)
 
 
