@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import reference_file
 
 from rectok_fast.models.ditdh import (
     DITDH_SIZES,
@@ -20,10 +20,6 @@ from rectok_fast.models.ditdh import (
     training_time,
 )
 from rectok_fast.nn.rope import eva_rope_table
-
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REF.exists():
-    REF = Path("/work/shared/reference")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +37,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(REF / "golden_ditdh_tiny.pt", map_location="cpu")
+    return torch.load(reference_file("golden_ditdh_tiny.pt"), map_location="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,7 @@ def golden_model(golden):
 
 def read_tsv(name: str) -> dict[str, tuple[int, ...]]:
     out = {}
-    for line in (REF / name).read_text().splitlines():
+    for line in reference_file(name).read_text().splitlines():
         if not line or line.startswith("#"):
             continue
         key, shape, _dtype = line.split("\t")

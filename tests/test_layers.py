@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_file
 
 from rectok_fast.nn.attention import attention_math
 from rectok_fast.nn.layers import Attention, Block, RMSNorm, SwiGLU, gate, modulate, swiglu_hidden
 from rectok_fast.nn.rope import apply_rope, eva_rope_table, rectok_rope_table, rotate_pairs, split_table
-
-REF = "/work/shared/reference"
 
 
 def test_rmsnorm_matches_definition():
@@ -56,7 +55,7 @@ def _rectok_table_spec(D, gh, gw):
 
 
 def test_rectok_rope_golden_and_spec():
-    golden = torch.load(f"{REF}/golden_rope_vitb.pt")["rope_vitb_grid16"]
+    golden = torch.load(reference_file("golden_rope_vitb.pt"))["rope_vitb_grid16"]
     table = rectok_rope_table(64, 16)
     assert table.shape == (256, 128)
     torch.testing.assert_close(table, golden, atol=0, rtol=0)

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_fa_rule
+from helpers import REFERENCE_DIR, assert_fa_rule
 
 import rectok_fast
 from rectok_fast.ops.posterior_flow import default_shift, flow_noise, posterior_flow, sample_time, shift_time
 from rectok_fast.reference.posterior_flow import posterior_flow as ref_posterior_flow
 
-_REF_DIRS = [
-    os.environ.get("RECTOK_FAST_REFERENCE_DIR", ""),
-    "/work/shared/reference",
-    str(Path(__file__).parents[1] / "shared" / "reference"),
-]
-GOLDEN = next(
-    (Path(d) / "golden_rectok_tiny.pt" for d in _REF_DIRS if d and (Path(d) / "golden_rectok_tiny.pt").exists()),
-    Path("/nonexistent"),
-)
+GOLDEN = (REFERENCE_DIR or Path("/nonexistent")) / "golden_rectok_tiny.pt"
 SHAPES = [(2, 1, 3), (1, 7, 129), (2, 257, 3)]
 
 

@@ -8,13 +8,12 @@ import re
 
 import pytest
 import torch
+from helpers import reference_file
 
 from rectok_fast.models import RECTOK_SIZES, RecTok, TinyTeacher
 from rectok_fast.models.rectok import RecTokConfig
 from rectok_fast.ops.posterior_flow import posterior_flow
 from rectok_fast.reference.posterior_flow import shift_time
-
-REF = "/work/shared/reference"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -23,7 +22,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(f"{REF}/golden_rectok_tiny.pt", weights_only=False)
+    return torch.load(reference_file("golden_rectok_tiny.pt"), weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def _tsv_state_dict(path: str, fill: bool) -> dict[str, torch.Tensor]:
 
 def test_from_official_released_layout():
     """The real checkpoint's key layout (.tsv): configuration inferred, every key consumed."""
-    sd = _tsv_state_dict(f"{REF}/rectok_bb_ch128_state_dict.tsv", fill=False)
+    sd = _tsv_state_dict(reference_file("rectok_bb_ch128_state_dict.tsv"), fill=False)
     for v in (sd["decoder.ffn.1.weight"], sd["encoder.latent_head.weight"], sd["encoder.patch_embed.0.weight"]):
         v.normal_(0, 0.02)
     assert "decoder.ffn.1.weight" in sd and "encoder.patch_embed.0.weight" in sd

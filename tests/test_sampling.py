@@ -4,18 +4,14 @@ analytic Gaussian flow, the Euler–Maruyama SDE's marginals, guidance intervals
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import reference_file
 
 from rectok_fast.models.ditdh import DiTDH
 from rectok_fast.sampling import guided_velocity, sample, time_grid
-
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REF.exists():
-    REF = Path("/work/shared/reference")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,7 +29,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(REF / "golden_ditdh_tiny.pt", map_location="cpu")
+    return torch.load(reference_file("golden_ditdh_tiny.pt"), map_location="cpu")
 
 
 @pytest.fixture(scope="module")

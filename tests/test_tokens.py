@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_fa_rule, max_err
+from helpers import assert_fa_rule, max_err, reference_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,8 +18,6 @@ from rectok_fast.ops.tokens import (
     restore_tokens_fwd,
 )
 from rectok_fast.reference import tokens as ref
-
-GOLDEN = "/work/shared/reference/golden_rectok_tiny.pt"
 
 
 def _keep_ids(B: int, N: int, K: int, device, dtype=torch.int64) -> torch.Tensor:
@@ -181,7 +179,7 @@ def test_gather_noncontiguous_int32_mixed_dtype(kernel_device):
 
 def test_gather_rope_rows_golden(kernel_device):
     """The tokenizer gathers the RoPE rows of the kept tokens: gather_tokens(table, ids) == table[ids]."""
-    g = torch.load(GOLDEN, map_location="cpu", weights_only=False)["outputs"]
+    g = torch.load(reference_file("golden_rectok_tiny.pt"), map_location="cpu", weights_only=False)["outputs"]
     table, ids = g["rope_encoder"].to(kernel_device), g["ids_keep"].to(kernel_device)  # (N, 2·D), (B, K)
     out = gather_tokens(table, ids, backend="triton")
     assert out.shape == (ids.shape[0], ids.shape[1], table.shape[1])
