@@ -16,7 +16,13 @@ def tiny_tokenizer_cfg(out: str, **over) -> RunConfig:
         "data": {"image_size": 32, "global_batch_size": 4, "embedded_len": 64, "embedded_scale": 0.25},
         "model": {
             "latent_channels": 8,
-            "extra": {"encoder": [64, 1, 2], "decoder": [64, 1, 2], "sem_decoder": [32, 1, 2], "teacher_width": 32},
+            "extra": {
+                "encoder": [64, 1, 2],
+                "decoder": [64, 1, 2],
+                "sem_decoder": [32, 1, 2],
+                "teacher_width": 32,
+                "patch_size": 16,
+            },
         },
         "optim": {"total_steps": 50, "warmup_steps": 2, "amp": "none"},
         "loss": {"gan_start_epoch": 0, "disc_channels": 8, "disc_layers": 2},

@@ -175,3 +175,22 @@ def test_load_dit_official_checkpoint_reproduces_golden_samples(tmp_path):
         dit, o["sample_noise"], golden["inputs"]["y"], golden["config"]["steps"] - 1, guidance="cfg", scale=1.7
     )
     assert ((out - o["sample_euler_cfg"]).norm() / o["sample_euler_cfg"].norm()).item() <= 1e-5
+
+
+def test_demo_smoke(tmp_path):
+    """The demo end to end with a handful of steps: every artefact and metric is produced."""
+    from PIL import Image
+
+    from rectok_fast.train.demo import run_demo
+
+    m = run_demo(
+        str(tmp_path), "cpu", tokenizer_steps=3, dit_steps=3, stage2_steps=2, threads=1, progress=False, sample_steps=2
+    )
+    for f in ("reconstructions.png", "samples.png", "metrics.json"):
+        assert os.path.exists(tmp_path / f)
+    saved = json.load(open(tmp_path / "metrics.json"))
+    for k in ("psnr", "ssim", "psnr_mean_color_baseline", "tokenizer_steps", "dit_steps", "seconds"):
+        assert k in saved
+    assert saved["tokenizer_steps"] == 5 and saved["dit_steps"] == 3 and m["psnr"] == saved["psnr"]
+    w, h = Image.open(tmp_path / "samples.png").size
+    assert w > h > 0

@@ -197,3 +197,16 @@ def test_ddp_two_process_gloo_equals_single_process_tokenizer(tmp_path):
     a = state_of(os.path.join(single.out, "checkpoints", "latest.pt"))
     b = state_of(os.path.join(ddp.out, "checkpoints", "latest.pt"))
     _assert_states_equal(a, b, exact=False, atol=2e-6)
+
+
+def test_fsdp2_two_process_equals_single_process_dit(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch.distributed")
+    lat = synthetic_latent_cache(str(tmp_path / "lat"))
+    single = tiny_dit_cfg(str(tmp_path / "single"), lat, max_steps=4)
+    DiTTrainer(single).fit()
+    fsdp = tiny_dit_cfg(str(tmp_path / "fsdp"), lat, max_steps=4, distributed="fsdp")
+    _run_ddp("dit", fsdp)
+    a = state_of(os.path.join(single.out, "checkpoints", "latest.pt"))
+    b = state_of(os.path.join(fsdp.out, "checkpoints", "latest.pt"))
+    assert b["world_size"] == 2
+    _assert_states_equal(a, b, exact=False, atol=2e-6)  # full (unsharded) state dicts in the checkpoint

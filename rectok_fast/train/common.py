@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -286,7 +285,8 @@ class Trainer:
         return last
 
     def ddp_modules(self) -> list[nn.Module]:
-        return [m for m in self.train_models().values() if isinstance(m, DDP)]
+        mods = [getattr(m, "_orig_mod", m) for m in self.train_models().values()]  # see through torch.compile
+        return [m for m in mods if isinstance(m, DDP)]
 
     def optimizer_step(self) -> None:
         clip = self.cfg.optim.grad_clip
@@ -295,9 +295,3 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.active_params(name), clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-
-
-def nan_guard(loss: torch.Tensor) -> None:
-    """Raise on a non-finite loss (only where a host sync is already happening)."""
-    if not math.isfinite(float(loss)):
-        raise FloatingPointError(f"non-finite loss {float(loss)}")

@@ -32,15 +32,15 @@ logger = logging.getLogger("rectok_fast.demo")
 
 # (tokenizer steps, DiT steps, held-out crops, overrides) per device
 PRESETS = {
-    "cpu": dict(tokenizer_steps=500, stage2_steps=300, dit_steps=400, heldout=128, tok={}, dit={}),
+    "cpu": dict(tokenizer_steps=1000, stage2_steps=600, dit_steps=1500, heldout=128, tok={}, dit={}),
     "cuda": dict(
         tokenizer_steps=3000,
         stage2_steps=1500,
         dit_steps=4000,
         heldout=512,
         tok={
-            "data": {"image_size": 128, "global_batch_size": 64, "num_workers": 4},
-            "model": {"name": "small", "latent_channels": 32},
+            "data": {"image_size": 128, "embedded_scale": 0.5, "global_batch_size": 64, "num_workers": 4},
+            "model": {"name": "small", "latent_channels": 32, "extra": {"patch_size": 16}},
         },
         dit={
             "data": {"global_batch_size": 128},
@@ -48,6 +48,12 @@ PRESETS = {
         },
     ),
 }
+
+
+def _display(images: torch.Tensor, min_side: int = 96) -> torch.Tensor:
+    """Nearest-neighbour upscaling of small images for the PNG grids (pixels stay visible as blocks)."""
+    f = max(1, -(-min_side // images.shape[-1]))
+    return torch.nn.functional.interpolate(images, scale_factor=f, mode="nearest") if f > 1 else images
 
 
 def pick_threads(requested: int | None) -> int:
@@ -164,7 +170,7 @@ def run_demo(
     idx = list(range(n_cls * per_class))
     y = torch.tensor([i % n_cls for i in idx])
     samples = generate(dit, tok, idx, y, steps=sample_steps, guidance="cfg", scale=2.0, seed=seed)
-    save_grid(samples, os.path.join(out, "samples.png"), nrow=n_cls)
+    save_grid(_display(samples), os.path.join(out, "samples.png"), nrow=n_cls)
 
     from ..data.datasets import EmbeddedImages
 
@@ -173,7 +179,7 @@ def run_demo(
     )
     loader = torch.utils.data.DataLoader(held, batch_size=32, shuffle=False)
     rec, kx, kr = reconstruction_metrics(tok, (b[0] for b in loader), tdev, keep=n_cls)
-    save_grid(torch.cat([kx, kr]), os.path.join(out, "reconstructions.png"), nrow=n_cls)
+    save_grid(_display(torch.cat([kx, kr])), os.path.join(out, "reconstructions.png"), nrow=n_cls)
 
     metrics = {
         **{k: rec[k] for k in ("psnr", "ssim", "psnr_mean_color_baseline")},
@@ -206,14 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tokenizer-steps", type=int, default=None, help="stage-1 steps (default: 500 on CPU, 3000 on GPU)")
+    p.add_argument(
+        "--tokenizer-steps", type=int, default=None, help="stage-1 steps (default: 1000 on CPU, 3000 on GPU)"
+    )
     p.add_argument(
         "--stage2-steps",
         type=int,
         default=None,
-        help="stage-2 (decoder) steps (default: 300 on CPU, 1500 on GPU; 0 skips)",
+        help="stage-2 (decoder) steps (default: 600 on CPU, 1500 on GPU; 0 skips)",
     )
-    p.add_argument("--dit-steps", type=int, default=None, help="default: 400 on CPU, 4000 on GPU")
+    p.add_argument("--dit-steps", type=int, default=None, help="default: 1500 on CPU, 4000 on GPU")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

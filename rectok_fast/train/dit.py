@@ -77,6 +77,8 @@ class DiTTrainer(Trainer):
             self.model = model
         else:
             self.model = self.wrap_ddp(model)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
         self.make_optimizer("model", model, weight_decay=cfg.optim.weight_decay)
         self.shift = float(model.default_shift)
         self.data_meta = {"grid": self.grid, "channels": self.channels, "num_classes": self.num_classes}

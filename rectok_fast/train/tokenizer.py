@@ -53,6 +53,8 @@ class TokenizerTrainer(Trainer):
             model.attach_teachers({mc.teacher: build_teacher(mc, self.device, cfg.data.image_size)})
         self.raw_model = model
         self.model = self.wrap_ddp(model, find_unused=True)  # mask token unused when nothing is masked
+        if cfg.compile:  # the mask is drawn outside (draw_step_randomness), so the forward compiles whole
+            self.model = torch.compile(self.model)
         self.make_optimizer("model", model)
         self.perceptual = None
         if lc.perceptual > 0 and lc.perceptual_enabled:
