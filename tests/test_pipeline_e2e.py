@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import reference_file
 from pipeline_helpers import tiny_dit_cfg, tiny_tokenizer_cfg
 
 from rectok_fast.config import DataConfig
@@ -19,10 +19,6 @@ from rectok_fast.train.cache_latents import cache_latents
 from rectok_fast.train.dit import DiTTrainer
 from rectok_fast.train.stats import run_stats
 from rectok_fast.train.tokenizer import train_tokenizer
-
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REF.exists():
-    REF = Path("/work/shared/reference")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -166,7 +162,7 @@ def test_cache_train_sample_eval(tokenizer_export, tmp_path):
 def test_load_dit_official_checkpoint_reproduces_golden_samples(tmp_path):
     from rectok_fast.sampling import sample
 
-    golden = torch.load(REF / "golden_ditdh_tiny.pt", map_location="cpu")
+    golden = torch.load(reference_file("golden_ditdh_tiny.pt"), map_location="cpu")
     path = tmp_path / "official.pth"
     torch.save({"model": golden["state_dict"], "model_ema": golden["state_dict"]}, path)
     dit = load_dit(str(path))
