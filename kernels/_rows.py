@@ -35,9 +35,9 @@ def weighted(v, W, rows, row_ok, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, s0, s1, s2, HAS_WEIGHT: tl.constexpr):
-    """ROWLOSS[rows] = loss (weighted when HAS_WEIGHT); STATS[rows] = (s0, s1, s2), STATS (M, 3) fp32."""
+def store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, s0, s1, s2, HAS_WEIGHT: tl.constexpr, NSTATS: tl.constexpr):
+    """ROWLOSS[rows] = loss (weighted when HAS_WEIGHT); STATS[rows, :3] = (s0, s1, s2), STATS (M, NSTATS) fp32."""
     tl.store(ROWLOSS + rows, weighted(loss, W, rows, row_ok, HAS_WEIGHT), mask=row_ok)
-    tl.store(STATS + rows * 3, s0, mask=row_ok)
-    tl.store(STATS + rows * 3 + 1, s1, mask=row_ok)
-    tl.store(STATS + rows * 3 + 2, s2, mask=row_ok)
+    tl.store(STATS + rows * NSTATS, s0, mask=row_ok)
+    tl.store(STATS + rows * NSTATS + 1, s1, mask=row_ok)
+    tl.store(STATS + rows * NSTATS + 2, s2, mask=row_ok)

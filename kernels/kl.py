@@ -7,8 +7,9 @@ result is deterministic).  The backward is elementwise over the same spans.
 ``kl_align``: rows are tokens, the softmax runs over the feature dim D.  One program per tile of
 ``BLOCK_M`` rows streams D in ``BLOCK_D`` chunks once, keeping an online softmax (running max and
 sum) for the student and the teacher plus ``A = sum exp(t' - m_t) (t' - s')``, so that
-``KL(p_t || p_s) = A / l_t - lse_t + lse_s``.  The forward stores (lse_s, lse_t, KL) per row; the
-backward recomputes both softmaxes from them in one pass.
+``KL(p_t || p_s) = A / l_t - lse_t + lse_s``.  The forward stores, per row, each softmax's max and
+log-sum apart (``lse = max + log l`` rounded to one fp32 would cost ~ulp(max) in every log-prob of
+the backward when logits are large) and KL; the backward recomputes both softmaxes in one pass.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def kl_align_fwd_kernel(
     S,  # student: (M, D), any float dtype, strides (stride_sm, stride_sd)
     T,  # teacher: (M, D), any float dtype, strides (stride_tm, stride_td)
     W,  # weight: (M,) fp32 contiguous (read only when HAS_WEIGHT)
-    STATS,  # out: (M, 3) fp32 contiguous: lse(s/T), lse(t/T), KL(p_t || p_s)
+    STATS,  # out: (M, 5) fp32 contiguous: max(s/T), max(t/T), KL(p_t || p_s), log Σexp(s/T - max), log Σexp(t/T - max)
     ROWLOSS,  # out: (M,) fp32 contiguous, T^2 * KL * weight
     M,
     D,
@@ -140,11 +141,14 @@ def kl_align_fwd_kernel(
         acc = acc * alpha_t + tl.sum(tl.where(col_ok, e_t * (t - s), 0.0), axis=1)
         m_s = ms_new
         m_t = mt_new
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
-    kl = acc / l_t - lse_t + lse_s
+    log_l_s = tl.log(l_s)
+    log_l_t = tl.log(l_t)
+    kl = acc / l_t - (m_t - m_s) - (log_l_t - log_l_s)
     loss = kl * temp_sq
-    store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, lse_s, lse_t, kl, HAS_WEIGHT)
+    # stats row: (m_s, m_t, KL, log l_s, log l_t)
+    store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, m_s, m_t, kl, HAS_WEIGHT, 5)
+    tl.store(STATS + rows * 5 + 3, log_l_s, mask=row_ok)
+    tl.store(STATS + rows * 5 + 4, log_l_t, mask=row_ok)
 
 
 @triton.jit
@@ -152,7 +156,7 @@ def kl_align_bwd_kernel(
     S,  # student: (M, D), strides (stride_sm, stride_sd)
     T,  # teacher: (M, D), strides (stride_tm, stride_td)
     W,  # weight: (M,) fp32 contiguous (read only when HAS_WEIGHT)
-    STATS,  # from the forward: (M, 3) fp32 contiguous
+    STATS,  # from the forward: (M, 5) fp32 contiguous (see the forward)
     SCALE,  # 0-dim fp32: grad_loss / count
     DS,  # out dstudent: (M, D) contiguous, student's dtype
     DT,  # out dteacher: (M, D) contiguous, teacher's dtype (written only when GRAD_TARGET)
@@ -170,20 +174,43 @@ def kl_align_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     rows, row_ok, cols = row_tile(M, BLOCK_M, BLOCK_D)  # (BLOCK_M,), (BLOCK_M,), (BLOCK_D,)
-    lse_s = tl.load(STATS + rows * 3, mask=row_ok, other=0.0)
-    lse_t = tl.load(STATS + rows * 3 + 1, mask=row_ok, other=0.0)
-    kl = tl.load(STATS + rows * 3 + 2, mask=row_ok, other=0.0)
+    m_s = tl.load(STATS + rows * 5, mask=row_ok, other=0.0)
+    m_t = tl.load(STATS + rows * 5 + 1, mask=row_ok, other=0.0)
+    log_l_s = tl.load(STATS + rows * 5 + 3, mask=row_ok, other=0.0)
+    log_l_t = tl.load(STATS + rows * 5 + 4, mask=row_ok, other=0.0)
     # d(T^2 KL)/ds = T (p_s - p_t);  d(T^2 KL)/dt = T p_t (log p_t - log p_s - KL)
     coef = weighted(tl.where(row_ok, tl.load(SCALE).to(tl.float32) * temp, 0.0), W, rows, row_ok, HAS_WEIGHT)
+    if GRAD_TARGET:
+        # dteacher_i = T p_t,i (L_i - KL), L = log p_t - log p_s.  When the KL is large, L_i - KL
+        # cancels almost exactly at the dominant entries and fp32 rounding of KL (~ulp(KL)) would
+        # dominate.  Centre on c = L at the teacher's argmax: L_i - KL = (L_i - c) - Σ_j p_j (L_j - c)
+        # (Σ p = 1), where the dominant term is exactly 0 and the rest are small.  Two extra passes,
+        # only when the teacher's gradient is asked for.
+        cen = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
+            s, t = load_pair(S, T, rows, c, msk, stride_sm, stride_sd, stride_tm, stride_td)
+            lr = ((t * inv_temp - m_t[:, None]) - log_l_t[:, None]) - ((s * inv_temp - m_s[:, None]) - log_l_s[:, None])
+            cen = tl.maximum(cen, tl.max(tl.where(msk & (t * inv_temp == m_t[:, None]), lr, float("-inf")), axis=1))
+        cen = tl.where(row_ok, cen, 0.0)
+        kl = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
+            s, t = load_pair(S, T, rows, c, msk, stride_sm, stride_sd, stride_tm, stride_td)
+            log_ps = (s * inv_temp - m_s[:, None]) - log_l_s[:, None]
+            log_pt = (t * inv_temp - m_t[:, None]) - log_l_t[:, None]
+            kl += tl.sum(tl.where(msk, tl.exp(log_pt) * ((log_pt - log_ps) - cen[:, None]), 0.0), axis=1)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         msk = row_ok[:, None] & (c < D)[None, :]  # (BLOCK_M, BLOCK_D)
         s, t = load_pair(S, T, rows, c, msk, stride_sm, stride_sd, stride_tm, stride_td)
-        log_ps = s * inv_temp - lse_s[:, None]
-        log_pt = t * inv_temp - lse_t[:, None]
+        log_ps = (s * inv_temp - m_s[:, None]) - log_l_s[:, None]
+        log_pt = (t * inv_temp - m_t[:, None]) - log_l_t[:, None]
         p_t = tl.exp(log_pt)
         ds = coef[:, None] * (tl.exp(log_ps) - p_t)
         tl.store(DS + rows[:, None] * D + c[None, :], ds.to(DS.dtype.element_ty), mask=msk)
         if GRAD_TARGET:
-            dt = coef[:, None] * p_t * (log_pt - log_ps - kl[:, None])
+            dt = coef[:, None] * p_t * (((log_pt - log_ps) - cen[:, None]) - kl[:, None])
             tl.store(DT + rows[:, None] * D + c[None, :], dt.to(DT.dtype.element_ty), mask=msk)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_fa_rule
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rectok_fast import last_backend
@@ -348,6 +348,8 @@ def test_kl_align_compile_fullgraph(kernel_device):
 
 
 @settings(max_examples=12, deadline=None)
+# large logits (|x/T| ~ 100, KL ~ 85 nats): the teacher gradient cancels at the dominant entries
+@example(M=1, D=66, temperature=0.25, spread=8.0, masked=False, seed=0)
 @given(
     M=st.integers(1, 20),
     D=st.integers(1, 70),

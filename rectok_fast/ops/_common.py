@@ -69,11 +69,16 @@ def flatten_rows(
 
 
 def row_loss_fwd(
-    kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None, scalars: tuple[float, ...]
+    kernel,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: torch.Tensor | None,
+    scalars: tuple[float, ...],
+    n_stats: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch a row-loss forward kernel: (loss 0-dim fp32 = Σ rowloss / count, stats (M, 3) fp32)."""
+    """Launch a row-loss forward kernel: (loss 0-dim fp32 = Σ rowloss / count, stats (M, n_stats) fp32)."""
     M, D = a.shape
-    stats = torch.empty((M, 3), dtype=torch.float32, device=a.device)
+    stats = torch.empty((M, n_stats), dtype=torch.float32, device=a.device)
     rowloss = torch.empty((M,), dtype=torch.float32, device=a.device)
     if M > 0:
         block_m, block_d, num_warps = row_tile_config(M, D, a.device)
@@ -139,8 +144,8 @@ def row_loss_bwd(
     return da, db
 
 
-def row_loss_fwd_fake(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return a.new_empty((), dtype=torch.float32), a.new_empty((a.shape[0], 3), dtype=torch.float32)
+def row_loss_fwd_fake(a: torch.Tensor, n_stats: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.new_empty((), dtype=torch.float32), a.new_empty((a.shape[0], n_stats), dtype=torch.float32)
 
 
 def row_loss_bwd_fake(a: torch.Tensor, b: torch.Tensor, grad_target: bool) -> tuple[torch.Tensor, torch.Tensor]:

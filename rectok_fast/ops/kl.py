@@ -164,20 +164,24 @@ def gaussian_kl(
 
 # ============================================================================= softmax KL alignment
 
+# Per-row stats of the forward: the row max and the log of the shifted sum of each softmax, kept
+# apart (not as one log-sum-exp) so the backward's ``(x/T - max) - log(sum)`` keeps full fp32
+# precision for large logits, plus KL(p_t || p_s).
+KL_ALIGN_STATS = 5
+
 
 @torch.library.custom_op("rectok_fast::kl_align_fwd", mutates_args=())
 def kl_align_fwd(
     student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """student, teacher: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 3) fp32)."""
-    return row_loss_fwd(
-        kl_align_fwd_kernel, student, teacher, weight, (1.0 / float(temperature), float(temperature) ** 2)
-    )
+    """student, teacher: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 5) fp32)."""
+    scalars = (1.0 / float(temperature), float(temperature) ** 2)
+    return row_loss_fwd(kl_align_fwd_kernel, student, teacher, weight, scalars, n_stats=KL_ALIGN_STATS)
 
 
 @kl_align_fwd.register_fake
 def _(student, teacher, weight, temperature):
-    return row_loss_fwd_fake(student)
+    return row_loss_fwd_fake(student, n_stats=KL_ALIGN_STATS)
 
 
 @torch.library.custom_op("rectok_fast::kl_align_bwd", mutates_args=())
