@@ -48,7 +48,7 @@ def cosine_align_fwd_kernel(
     tn = tl.sqrt(tt)
     cos = dot / (tl.maximum(pn, eps) * tl.maximum(tn, eps))
     loss = tl.maximum(1.0 - cos - margin, 0.0)
-    store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, dot, pn, tn, HAS_WEIGHT)
+    store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, dot, pn, tn, HAS_WEIGHT, 3)
 
 
 @triton.jit
