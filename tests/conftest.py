@@ -52,3 +52,16 @@ def _seed():
 @pytest.fixture
 def kernel_device() -> str:
     return KERNEL_DEVICE
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them
+    up to ~100x slower.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -46,3 +46,8 @@ def reference_file(name: str):
     if REFERENCE_DIR is None or not (REFERENCE_DIR / name).exists():
         pytest.skip(REFERENCE_SKIP)
     return REFERENCE_DIR / name
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ‖a − b‖ / ‖b‖ in fp64 (the golden-tensor criterion, ≤ 1e-5)."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import reference_file
+from helpers import reference_file, rel_err
 
 from rectok_fast.models.ditdh import (
     DITDH_SIZES,
@@ -21,18 +21,7 @@ from rectok_fast.models.ditdh import (
 )
 from rectok_fast.nn.rope import eva_rope_table
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: with several test processes on 2 cores, OpenMP spinning makes them ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from rectok_fast.train.dit import DiTTrainer
 from rectok_fast.train.stats import run_stats
 from rectok_fast.train.tokenizer import train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

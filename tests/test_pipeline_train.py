@@ -15,13 +15,7 @@ from rectok_fast.config import to_dict
 from rectok_fast.train.dit import DiTTrainer
 from rectok_fast.train.tokenizer import TokenizerTrainer, train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threading only costs here (and the CPU is shared)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_states_equal(a: dict, b: dict, keys=("model", "model_ema"), exact=True, atol=0.0):
