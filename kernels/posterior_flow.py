@@ -8,8 +8,10 @@ call with key ``s`` and counter ``(lo32(e), hi32(e), 0, 0)`` gives four 32-bit w
 ``tl.randn(s, e)`` and ``eps_b`` to ``tl.randn4x(s, e)[2]`` for ``e < 2**31``; the explicit
 hi/lo split keeps the stream int64-safe and identical across Triton versions.
 
-posterior_flow: element ``e = (b·N + n)·C + c``; ``eps1 = eps_a(e)`` (posterior sample),
-``eps2 = eps_b(e)`` (flow noise): two disjoint sets of Philox output words, one Philox call per
+posterior_flow: element ``e = (b·N + n)·C + c``; ``eps1 = eps_a(e + E_OFF)`` (posterior sample),
+``eps2 = eps_b(e + E_OFF)`` (flow noise), where ``E_OFF = sample_offset·N·C`` (int64) shifts the
+counter to that of global sample ``b + sample_offset`` (a rank's slice of a global batch draws the
+numbers of the whole batch's rows): two disjoint sets of Philox output words, one Philox call per
 element.  One program handles a (BLOCK_N tokens × BLOCK_C channels) tile of one sample; per-sample
 reductions (KL in the forward, dL/dt in the backward) are written as one fp32 partial per program
 to a (B, P) buffer and summed by the launcher (deterministic, no atomics).
@@ -54,27 +56,28 @@ def normal_pair_kernel(
     OUT_A,  # out: (numel,) contiguous, eps_a stream
     OUT_B,  # out: (numel,) contiguous, eps_b stream (unused when not TWO)
     numel,
+    E_OFF,  # int64 counter offset: element i draws stream element E_OFF + i
     TWO: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Materialise the noise stream for elements [0, numel) (tests and ``flow_noise``)."""
+    """Materialise the noise stream for elements [E_OFF, E_OFF + numel) (tests, ``flow_noise``)."""
     pid = tl.program_id(0).to(tl.int64)
     e = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,)
     ok = e < numel
     seed = tl.load(SEED)
     if TWO:
-        a, b = philox_normal2(seed, e)
+        a, b = philox_normal2(seed, e + E_OFF)
         tl.store(OUT_A + e, a.to(OUT_A.dtype.element_ty), mask=ok)
         tl.store(OUT_B + e, b.to(OUT_B.dtype.element_ty), mask=ok)
     else:
-        a = philox_normal(seed, e)
+        a = philox_normal(seed, e + E_OFF)
         tl.store(OUT_A + e, a.to(OUT_A.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _noise(SEED, EPS1, EPS2, e, ok, HAS_NOISE: tl.constexpr, SAMPLE: tl.constexpr, ACC: tl.constexpr):
+def _noise(SEED, EPS1, EPS2, e, E_OFF, ok, HAS_NOISE: tl.constexpr, SAMPLE: tl.constexpr, ACC: tl.constexpr):
     """(ε₁, ε₂) at element indices ``e`` in ACC: loaded (HAS_NOISE) or regenerated from the Philox
-    stream at ``SEED``.  Without SAMPLE ε₁ is not needed: ε₂ stands in for it (never read)."""
+    stream at ``SEED`` and counters ``e + E_OFF``.  Without SAMPLE ε₁ is not needed: ε₂ stands in for it (never read)."""
     if HAS_NOISE:
         eps2 = tl.load(EPS2 + e, mask=ok, other=0.0).to(ACC)
         if SAMPLE:
@@ -82,7 +85,7 @@ def _noise(SEED, EPS1, EPS2, e, ok, HAS_NOISE: tl.constexpr, SAMPLE: tl.constexp
         else:
             eps1 = eps2
     else:
-        a, b = philox_normal2(tl.load(SEED), e)
+        a, b = philox_normal2(tl.load(SEED), e + E_OFF)
         eps2 = b.to(ACC)
         if SAMPLE:
             eps1 = a.to(ACC)
@@ -117,6 +120,7 @@ def posterior_flow_fwd_kernel(
     N,
     C,
     P,
+    E_OFF,  # int64 Philox counter offset: sample_offset·N·C
     gamma,
     stride_mb,
     stride_mn,
@@ -136,7 +140,7 @@ def posterior_flow_fwd_kernel(
     lv = tl.minimum(tl.maximum(lv, LOGVAR_MIN), LOGVAR_MAX)
     var = tl.exp(lv)
     tt = tl.load(T + b).to(ACC)
-    eps1, eps2 = _noise(SEED, EPS1, EPS2, e, ok, HAS_NOISE, SAMPLE, ACC)
+    eps1, eps2 = _noise(SEED, EPS1, EPS2, e, E_OFF, ok, HAS_NOISE, SAMPLE, ACC)
     if SAMPLE:
         z = mean + tl.exp(0.5 * lv) * eps1
     else:
@@ -164,6 +168,7 @@ def posterior_flow_bwd_kernel(
     N,
     C,
     P,
+    E_OFF,  # int64 Philox counter offset: sample_offset·N·C
     gamma,
     stride_mb,
     stride_mn,
@@ -187,7 +192,7 @@ def posterior_flow_bwd_kernel(
     gkl = tl.load(GKL + b).to(ACC)
     gz = tl.load(GZ + e, mask=ok, other=0.0).to(ACC)
     gzt = tl.load(GZT + e, mask=ok, other=0.0).to(ACC)
-    eps1, eps2 = _noise(SEED, EPS1, EPS2, e, ok, HAS_NOISE, SAMPLE, ACC)
+    eps1, eps2 = _noise(SEED, EPS1, EPS2, e, E_OFF, ok, HAS_NOISE, SAMPLE, ACC)
     dz = gz + (1.0 - tt) * gzt  # total gradient reaching z
     dmean = dz + gkl * mean
     dlv = 0.5 * gkl * (tl.exp(lv) - 1.0)

@@ -231,3 +231,80 @@ def test_compile_fullgraph(kernel_device):
     out_e.backward()
     torch.testing.assert_close(a1.grad, a2.grad)
     torch.testing.assert_close(t1.grad, t2.grad)
+
+
+# ----------------------------------------------------------------------------- sample_offset
+
+
+def test_sample_offset_slice_equals_global_batch(kernel_device):
+    """A rank's slice [i:j] with sample_offset=i sees rows i:j of the global batch's x0, bit for bit."""
+    B, i, j = 5, 2, 4
+    x1 = torch.randn(B, 3, 7, device=kernel_device)
+    pred = torch.randn(B, 3, 7, device=kernel_device)
+    t = torch.rand(B, device=kernel_device)
+    g = torch.randn(B, 3, 7, device=kernel_device)
+    kw = {"seed": 77, "backend": "triton"}
+    full, dx_f, dt_f = _xt_and_grads(flow_matching_xt, x1, t, g, **kw)
+    part, dx_p, dt_p = _xt_and_grads(flow_matching_xt, x1[i:j], t[i:j], g[i:j], sample_offset=i, **kw)
+    assert torch.equal(part, full[i:j]) and torch.equal(dx_p, dx_f[i:j]) and torch.equal(dt_p, dt_f[i:j])
+    assert not torch.equal(part, flow_matching_xt(x1[i:j], t[i:j], **kw))  # the offset matters
+    x0 = flow_matching_noise(77, (B, 3, 7), kernel_device)
+    assert torch.equal(flow_matching_noise(77, (j - i, 3, 7), kernel_device, sample_offset=i), x0[i:j])
+    # the loss is a local mean: equal to the explicit-noise loss on the global x0's rows, grads too
+    lo, dp, da = _loss_and_grads(flow_matching_loss, pred[i:j], x1[i:j], t[i:j], sample_offset=i, **kw)
+    lr, dpr, dar = _loss_and_grads(flow_matching_loss, pred[i:j], x1[i:j], t[i:j], noise=x0[i:j], backend="triton")
+    assert torch.equal(lo, lr) and torch.equal(dp, dpr) and torch.equal(da, dar)
+
+
+def test_sample_offset_int64_and_validation(kernel_device):
+    big = 2**40 + 3  # counters past 2**32 and 2**31: stream index e = big·M + ...
+    a = flow_matching_noise(5, (2, 4), kernel_device, sample_offset=big)
+    x1 = torch.zeros(2, 4, device=kernel_device)
+    xt = flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=big, backend="triton")
+    assert torch.equal(xt, a)  # x_t = x0 at t = 0
+    assert not torch.equal(a, flow_matching_noise(5, (2, 4), kernel_device))
+    with pytest.raises(ValueError, match="sample_offset"):
+        flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=-1, backend="triton")
+    with pytest.raises(ValueError, match="int64"):
+        flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=2**62, backend="triton")
+    with pytest.raises(TypeError, match="sample_offset"):
+        flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=1.0, backend="triton")
+    with pytest.raises(ValueError, match="reference path"):
+        flow_matching_loss(x1, x1, torch.zeros(2), seed=5, sample_offset=1, backend="reference")
+    with pytest.raises(ValueError, match="explicit `noise`"):
+        flow_matching_xt(x1, torch.zeros(2, device=kernel_device), noise=x1, sample_offset=1, backend="triton")
+
+
+def test_opcheck_sample_offset(kernel_device):
+    x1 = torch.randn(2, 3, 5, device=kernel_device, requires_grad=True)
+    pred = torch.randn(2, 3, 5, device=kernel_device, requires_grad=True)
+    t = torch.rand(2, device=kernel_device, requires_grad=True)
+    seed = torch.tensor([3], device=kernel_device)
+    ops = torch.ops.rectok_fast
+    torch.library.opcheck(ops.flow_matching_xt.default, (x1, t, seed, None, 3))
+    torch.library.opcheck(ops.flow_matching_loss.default, (pred, x1, seed, None, 3))
+    g = torch.randn(2, 3, 5, device=kernel_device)
+    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1.detach(), t.detach(), seed, None, 3))
+    torch.library.opcheck(
+        ops.flow_matching_loss_backward.default,
+        (torch.tensor(1.5, device=kernel_device), pred.detach(), x1.detach(), seed, None, 3),
+    )
+
+
+def test_compile_fullgraph_sample_offset(kernel_device):
+    x1 = torch.randn(3, 8, device=kernel_device)
+    t = torch.rand(3, device=kernel_device)
+    seed = torch.tensor([4], device=kernel_device)
+
+    def f(a, tt, s):
+        xt = flow_matching_xt(a, tt, seed=s, sample_offset=6, backend="triton")
+        return flow_matching_loss(xt, a, tt, seed=s, sample_offset=6, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if kernel_device == "cpu" else "inductor")
+    a1, t1, a2, t2 = _leaf(x1), _leaf(t), _leaf(x1), _leaf(t)
+    out_c, out_e = compiled(a1, t1, seed), f(a2, t2, seed)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(t1.grad, t2.grad)

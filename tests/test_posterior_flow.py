@@ -294,3 +294,78 @@ def test_auto_backend_on_cpu_is_reference():
     moments, t = _inputs(1, 2, 3, "cpu")
     posterior_flow(moments, t, seed=1)
     assert rectok_fast.last_backend("posterior_flow") == "reference"
+
+
+# ----------------------------------------------------------------------------- sample_offset
+
+
+@pytest.mark.parametrize("sample_posterior", [True, False])
+def test_sample_offset_slice_equals_global_batch(kernel_device, sample_posterior):
+    """A rank's slice [i:j] with sample_offset=i reproduces rows i:j of the global batch bit for bit."""
+    B, N, C, i, j = 5, 3, 6, 1, 4
+    moments, t = _inputs(B, N, C, kernel_device)
+    g = _grads(B, N, C, kernel_device)
+    kw = {"gamma": 0.7, "seed": 123, "sample_posterior": sample_posterior, "backend": "triton"}
+    full, dm_f, dt_f = _run(posterior_flow, moments, t, g, **kw)
+    part, dm_p, dt_p = _run(posterior_flow, moments[i:j], t[i:j], tuple(x[i:j] for x in g), sample_offset=i, **kw)
+    for a, b in zip(part, full):
+        assert torch.equal(a, b[i:j])
+    assert torch.equal(dm_p, dm_f[i:j]) and torch.equal(dt_p, dt_f[i:j])
+    assert not torch.equal(posterior_flow(moments[i:j], t[i:j], **kw)[1], part[1])  # the offset matters
+    e1, e2 = flow_noise(123, (B, N, C), kernel_device)
+    o1, o2 = flow_noise(123, (j - i, N, C), kernel_device, sample_offset=i)
+    assert torch.equal(o1, e1[i:j]) and torch.equal(o2, e2[i:j])
+
+
+def test_sample_offset_int64_and_validation(kernel_device):
+    N, C = 2, 3
+    big = 2**41 + 5  # counters past 2**32
+    moments = torch.zeros(2, N, 2 * C, device=kernel_device)  # mean 0, std 1: z = eps_post
+    t = torch.zeros(2, device=kernel_device)
+    z, _, _ = posterior_flow(moments, t, seed=9, sample_offset=big, backend="triton")
+    e1, _ = flow_noise(9, (2, N, C), kernel_device, sample_offset=big)
+    assert torch.equal(z, e1) and not torch.equal(z, flow_noise(9, (2, N, C), kernel_device)[0])
+    with pytest.raises(ValueError, match="sample_offset"):
+        posterior_flow(moments, t, seed=9, sample_offset=-2, backend="triton")
+    with pytest.raises(ValueError, match="int64"):
+        posterior_flow(moments, t, seed=9, sample_offset=2**62, backend="triton")
+    with pytest.raises(TypeError, match="sample_offset"):
+        posterior_flow(moments, t, seed=9, sample_offset=True, backend="triton")
+    with pytest.raises(ValueError, match="reference path"):
+        posterior_flow(moments.cpu(), t.cpu(), seed=9, sample_offset=1, backend="reference")
+    with pytest.raises(ValueError, match="explicit `noise`"):
+        posterior_flow(moments, t, noise=(e1, e1), sample_offset=1, backend="triton")
+
+
+def test_opcheck_sample_offset(kernel_device):
+    B, N, C = 2, 3, 4
+    moments, t = _inputs(B, N, C, kernel_device)
+    moments.requires_grad_()
+    t.requires_grad_()
+    seed = torch.tensor([11], device=kernel_device)
+    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow.default, (moments, t, seed, None, None, 1.0, True, 5))
+    g = _grads(B, N, C, kernel_device)
+    torch.library.opcheck(
+        torch.ops.rectok_fast.posterior_flow_backward.default,
+        (*g, moments.detach(), t.detach(), seed, None, None, 1.0, True, 5),
+    )
+
+
+def test_compile_fullgraph_sample_offset(kernel_device):
+    B, N, C = 2, 3, 4
+    moments, t = _inputs(B, N, C, kernel_device)
+    seed = torch.tensor([3], device=kernel_device)
+
+    def f(m, tt, s):
+        z, zt, kl = posterior_flow(m, tt, seed=s, sample_offset=4, backend="triton")
+        return (z * zt).sum() + kl.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if kernel_device == "cpu" else "inductor")
+    m1, t1 = moments.clone().requires_grad_(), t.clone().requires_grad_()
+    m2, t2 = moments.clone().requires_grad_(), t.clone().requires_grad_()
+    out_c, out_e = compiled(m1, t1, seed), f(m2, t2, seed)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(m1.grad, m2.grad)
+    torch.testing.assert_close(t1.grad, t2.grad)

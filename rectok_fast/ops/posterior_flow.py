@@ -10,9 +10,16 @@ see the kernel module) and regenerated in the backward from the same seed: no (B
 tensor is ever stored.  :func:`flow_noise` materialises that stream, so
 ``posterior_flow(seed=s)`` equals the reference given ``noise=flow_noise(s, ...)``.
 
+``sample_offset`` (the global index of this batch's first sample) shifts the Philox counters by
+``sample_offset·N·C`` so that sample ``b`` draws the numbers of global sample ``b + sample_offset``:
+for a global batch split across ranks, ``posterior_flow(m[i:j], t[i:j], seed=s, sample_offset=i)``
+equals ``posterior_flow(m, t, seed=s)`` restricted to rows ``i:j``, bit for bit (forward and
+backward; the KL is per sample).
+
 The reference path (``backend="reference"`` or CPU tensors under ``"auto"``) draws its noise with
 ``torch.randn`` from a ``torch.Generator`` seeded with ``seed``: a *different* stream from the
-Triton one (same distribution, different numbers).
+Triton one (same distribution, different numbers), which cannot be offset, so it rejects
+``sample_offset != 0`` (pass explicit ``noise`` there, or use the Triton path).
 """
 
 from __future__ import annotations
@@ -94,21 +101,49 @@ def reference_generator(seed, device: torch.device) -> torch.Generator | None:
     return g
 
 
-def launch_normal_stream(seed: torch.Tensor, numel: int, device, dtype: torch.dtype, two: bool):
-    """Materialise ``numel`` elements of the Philox normal stream(s) (flat, contiguous)."""
+def check_sample_offset(op: str, sample_offset, batch: int, per_sample: int) -> int:
+    """Validate ``sample_offset`` (a non-negative int, or a SymInt under compile) and return the
+    Philox counter offset ``sample_offset·per_sample``; the last counter must fit in int64."""
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, (int, torch.SymInt)):
+        raise TypeError(f"{op}: `sample_offset` must be an int, got {type(sample_offset).__name__}")
+    if sample_offset < 0:
+        raise ValueError(f"{op}: `sample_offset` must be >= 0, got {sample_offset}")
+    if (sample_offset + batch) * per_sample > 2**63 - 1:
+        raise ValueError(
+            f"{op}: `sample_offset`={sample_offset} puts the Philox counters past int64 "
+            f"({batch} samples of {per_sample} elements)"
+        )
+    return sample_offset * per_sample
+
+
+def check_offset_usage(op: str, sample_offset, noise_given: bool, chosen: str) -> None:
+    """``sample_offset`` only shifts the seeded Triton stream: reject it where it would be ignored."""
+    if isinstance(sample_offset, int) and sample_offset == 0:
+        return
+    if noise_given:
+        raise ValueError(f"{op}: `sample_offset` applies to seeded in-kernel noise; it cannot offset explicit `noise`")
+    if chosen == "reference":
+        raise ValueError(
+            f"{op}: `sample_offset` != 0 is only supported on the Triton path (the reference path draws "
+            "its noise from a torch.Generator stream that cannot be offset); pass explicit `noise` instead"
+        )
+
+
+def launch_normal_stream(seed: torch.Tensor, numel: int, device, dtype: torch.dtype, two: bool, e_off: int = 0):
+    """Materialise ``numel`` elements of the Philox normal stream(s) starting at counter ``e_off``."""
     a = torch.empty(numel, device=device, dtype=dtype)
     b = torch.empty(numel if two else 0, device=device, dtype=dtype)
     if numel == 0:
         return a, b
     block = 16384 if triton_interpret() else 1024
-    normal_pair_kernel[(triton.cdiv(numel, block),)](seed, a, b if two else a, numel, TWO=two, BLOCK=block)
+    normal_pair_kernel[(triton.cdiv(numel, block),)](seed, a, b if two else a, numel, int(e_off), TWO=two, BLOCK=block)
     return a, b
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _fwd_launch(moments, t, seed, eps1, eps2, gamma: float, sample: bool):
+def _fwd_launch(moments, t, seed, eps1, eps2, gamma: float, sample: bool, offset: int = 0):
     B, N, C2 = moments.shape
     C = C2 // 2
     has_noise = eps2 is not None
@@ -132,6 +167,7 @@ def _fwd_launch(moments, t, seed, eps1, eps2, gamma: float, sample: bool):
         N,
         C,
         P,
+        int(offset) * N * C,
         float(gamma),
         *moments.stride(),
         HAS_NOISE=has_noise,
@@ -147,7 +183,7 @@ def _fwd_launch(moments, t, seed, eps1, eps2, gamma: float, sample: bool):
     return z, zt, kl_part.sum(1)
 
 
-def _bwd_launch(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma: float, sample: bool):
+def _bwd_launch(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma: float, sample: bool, offset: int = 0):
     B, N, C2 = moments.shape
     C = C2 // 2
     has_noise = eps2 is not None
@@ -172,6 +208,7 @@ def _bwd_launch(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma: f
         N,
         C,
         P,
+        int(offset) * N * C,
         float(gamma),
         *moments.stride(),
         HAS_NOISE=has_noise,
@@ -196,12 +233,13 @@ def _posterior_flow_op(
     eps2: torch.Tensor | None,
     gamma: float,
     sample_posterior: bool,
+    sample_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_launch(moments, t, seed, eps1, eps2, gamma, sample_posterior)
+    return _fwd_launch(moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset)
 
 
 @_posterior_flow_op.register_fake
-def _(moments, t, seed, eps1, eps2, gamma, sample_posterior):
+def _(moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset=0):
     B, N, C2 = moments.shape
     z = moments.new_empty((B, N, C2 // 2))
     return z, torch.empty_like(z), moments.new_empty((B,), dtype=torch.float32)
@@ -219,19 +257,20 @@ def _posterior_flow_backward_op(
     eps2: torch.Tensor | None,
     gamma: float,
     sample_posterior: bool,
+    sample_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bwd_launch(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma, sample_posterior)
+    return _bwd_launch(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset)
 
 
 @_posterior_flow_backward_op.register_fake
-def _(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma, sample_posterior):
+def _(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset=0):
     return moments.new_empty(moments.shape), torch.empty_like(t)
 
 
 def _setup_context(ctx, inputs, output):
-    moments, t, seed, eps1, eps2, gamma, sample_posterior = inputs
+    moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset = inputs
     ctx.save_for_backward(moments, t, seed, eps1, eps2)
-    ctx.gamma, ctx.sample_posterior = gamma, sample_posterior
+    ctx.gamma, ctx.sample_posterior, ctx.sample_offset = gamma, sample_posterior, sample_offset
 
 
 def _backward(ctx, grad_z, grad_zt, grad_kl):
@@ -244,9 +283,9 @@ def _backward(ctx, grad_z, grad_zt, grad_kl):
     if grad_kl is None:
         grad_kl = moments.new_zeros((B,), dtype=torch.float32)
     dmoments, dt = _posterior_flow_backward_op(
-        grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, ctx.gamma, ctx.sample_posterior
+        grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, ctx.gamma, ctx.sample_posterior, ctx.sample_offset
     )
-    return dmoments, dt, None, None, None, None, None
+    return dmoments, dt, None, None, None, None, None, None
 
 
 _posterior_flow_op.register_autograd(_backward, setup_context=_setup_context)
@@ -284,6 +323,7 @@ def posterior_flow(
     noise: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int | torch.Tensor | None = None,
     sample_posterior: bool = True,
+    sample_offset: int = 0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Posterior sample, forward-flow interpolation and per-sample KL in one pass.
@@ -298,6 +338,11 @@ def posterior_flow(
             Exactly one of ``noise`` / ``seed`` may be given; with neither a seed is drawn from
             torch's default generator on the device of ``moments`` (``torch.randint``, no sync).
         sample_posterior: ``z = mean + std·eps_post`` when True, ``z = mean`` otherwise.
+        sample_offset: global index of this batch's first sample (>= 0): sample ``b`` draws the
+            in-kernel noise of global sample ``b + sample_offset``, so a rank's slice ``[i:j]`` of a
+            global batch called with ``sample_offset=i`` reproduces the whole batch's rows ``i:j``.
+            Applies to the seeded Triton stream only: nonzero with ``noise`` or on the reference
+            path raises ``ValueError``.
         backend: ``"auto"`` | ``"triton"`` | ``"reference"``.  The reference path draws its noise
             from a ``torch.Generator`` seeded with ``seed``, which is not the Triton stream.
 
@@ -306,16 +351,19 @@ def posterior_flow(
         and ``kl = 0.5·Σ_{N,C}(mean² + var − 1 − logvar)`` (B,) fp32.
     """
     _validate(moments, t, noise, seed)
+    B, N, C2 = moments.shape
+    check_sample_offset(_OP, sample_offset, B, N * (C2 // 2))
     t = t.reshape(-1)
     chosen = resolve_triton_backend(_OP, backend, moments, t)
+    check_offset_usage(_OP, sample_offset, noise is not None, chosen)
     if chosen == "reference":
         gen = reference_generator(seed, moments.device) if noise is None else None
         return _ref_posterior_flow(moments, t, gamma, noise=noise, generator=gen, sample_posterior=sample_posterior)
     if noise is not None:
         eps1, eps2 = noise
-        return _posterior_flow_op(moments, t, None, eps1, eps2, float(gamma), bool(sample_posterior))
+        return _posterior_flow_op(moments, t, None, eps1, eps2, float(gamma), bool(sample_posterior), 0)
     s = default_seed(moments.device) if seed is None else seed_tensor(_OP, seed, moments.device)
-    return _posterior_flow_op(moments, t, s, None, None, float(gamma), bool(sample_posterior))
+    return _posterior_flow_op(moments, t, s, None, None, float(gamma), bool(sample_posterior), sample_offset)
 
 
 def flow_noise(
@@ -323,10 +371,13 @@ def flow_noise(
     shape: tuple[int, int, int],
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    sample_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(eps_post, eps_flow)`` (each ``shape`` = (B, N, C)) that the Triton path of
-    :func:`posterior_flow` generates for ``seed``; materialised by a small kernel with the same
-    Philox formula (runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``)."""
+    :func:`posterior_flow` generates for ``seed`` and ``sample_offset``; materialised by a small
+    kernel with the same Philox formula (runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``).
+    ``flow_noise(s, (j - i, N, C), sample_offset=i)`` is rows ``i:j`` of ``flow_noise(s, (B, N, C))``."""
     if len(shape) != 3:
         raise ValueError(f"flow_noise: `shape` must be (B, N, C), got {tuple(shape)}")
     device = (
@@ -336,6 +387,7 @@ def flow_noise(
     )
     resolve_triton_backend("flow_noise", "triton", torch.empty(0, device=device))
     s = seed_tensor("flow_noise", seed, device)
+    e_off = check_sample_offset("flow_noise", sample_offset, int(shape[0]), int(shape[1]) * int(shape[2]))
     numel = int(shape[0]) * int(shape[1]) * int(shape[2])
-    a, b = launch_normal_stream(s, numel, device, dtype, two=True)
+    a, b = launch_normal_stream(s, numel, device, dtype, two=True, e_off=e_off)
     return a.view(*shape), b.view(*shape)
