@@ -137,6 +137,10 @@ class RunConfig:
     resume: bool = False
     compile: bool = False
     distributed: str = "ddp"  # "ddp" | "fsdp" (FSDP2, DiT only)
+    # loss noise of the fused ops: "materialized" (tensors drawn from the shared generator and sliced
+    # per rank), "kernel" (one shared seed per step + this rank's sample offset: Philox noise made in
+    # the kernel, never stored; needs the Triton path) or "auto" (kernel on CUDA, else materialized)
+    noise: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -468,6 +468,9 @@ class RecTok(nn.Module):
         *,
         t: torch.Tensor | None = None,
         noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seed: int | torch.Tensor | None = None,
+        sample_offset: int = 0,
+        flow_backend: str = "auto",
         teacher_features: dict[str, torch.Tensor] | None = None,
     ) -> RecTokOutput | torch.Tensor:
         """Training: masking, posterior sample, flow interpolation, both decoders and the semantic loss.
@@ -480,6 +483,10 @@ class RecTok(nn.Module):
             t: (B,) flow times; drawn from the noise schedule when None.
             noise: ``(eps_post, eps_flow)`` each (B, K, C); drawn on the device when None (under
                 ``torch.compile`` mark their dim 1 dynamic like ``ids_keep``, or K specialises).
+            seed, sample_offset: instead of ``noise``, the seed of the in-kernel Philox noise and the
+                global index of this batch's first sample (see :func:`rectok_fast.ops.posterior_flow`:
+                a rank's slice of a global batch then draws the whole batch's numbers).
+            flow_backend: ``backend`` of :func:`rectok_fast.ops.posterior_flow` (``"auto"``: Triton on CUDA).
             teacher_features: name -> (B, N, width) targets; computed by the attached teachers when None.
 
         Returns:
@@ -505,7 +512,16 @@ class RecTok(nn.Module):
                 t = sample_time(B, c.noise_schedule, shift=self.timestep_shift, device=images.device)
             else:
                 t = torch.zeros(B, device=images.device)
-        z, z_t, kl = posterior_flow(moments, t, c.gamma, noise=noise, sample_posterior=True)
+        z, z_t, kl = posterior_flow(
+            moments,
+            t,
+            c.gamma,
+            noise=noise,
+            seed=seed,
+            sample_offset=sample_offset,
+            sample_posterior=True,
+            backend=flow_backend,
+        )
         token_mask = None
         if ids_restore is not None:
             token_mask = ids_restore >= ids_keep.shape[1]

@@ -10,6 +10,13 @@ Randomness that affects the loss (masks, flow times, noise, label drop-out) is d
 its samples (:meth:`Trainer.draw_step_randomness`, :func:`rectok_fast.data.sampler.slot_offset`).
 So a run on W ranks computes exactly the single-process update for the same global batch, and a
 resumed run continues exactly where the stopped one was.
+
+With ``noise: kernel`` (the default on CUDA through ``noise: auto``) the noise of the fused ops
+(posterior sample / flow noise, DiT x0) is not materialised: one int64 seed per step is drawn from
+that shared generator (:meth:`Trainer.draw_noise_seed`) and each rank passes it with
+``sample_offset`` = its slice start in the global batch (:meth:`Trainer.slice_start`), so the
+in-kernel Philox stream gives every sample the numbers it would get in a single-process run.
+``noise: materialized`` (the default on the CPU) keeps explicit noise tensors.
 """
 
 from __future__ import annotations
@@ -42,6 +49,18 @@ def autocast_ctx(device: torch.device, amp: str, amp_cpu: bool = False):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return torch.autocast(device.type, dtype=dtype)
+
+
+NOISE_MODES = ("auto", "materialized", "kernel")
+
+
+def resolve_noise_mode(mode: str, device: torch.device) -> str:
+    """``noise`` config value -> ``"kernel"`` | ``"materialized"`` (``auto``: kernel on CUDA)."""
+    if mode not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "kernel" if device.type == "cuda" else "materialized"
+    return mode
 
 
 class Trainer:
@@ -86,6 +105,9 @@ class Trainer:
             num_workers=d.num_workers,
             pin_memory=d.pin_memory and self.device.type == "cuda",
         )
+        self.noise_mode = resolve_noise_mode(cfg.noise, self.device)
+        # kernel mode needs the Triton Philox stream (the reference path's stream cannot be offset)
+        self.noise_backend = "triton" if self.noise_mode == "kernel" else "auto"
         self.rand = torch.Generator(device=self.device).manual_seed(cfg.seed + 12345)
         self.extra_generators["global"] = self.rand
         # model-internal randomness not covered by the global generator differs per rank
@@ -126,10 +148,19 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(module, device_ids=ids, find_unused_parameters=find_unused)
 
+    def slice_start(self, m: int) -> int:
+        """Global index of the first sample of this rank's micro-batch ``m`` (the ``sample_offset``)."""
+        return slot_offset(m, self.dist.rank, self.dist.world_size, self.micro)
+
     def slice_rnd(self, t: torch.Tensor, m: int) -> torch.Tensor:
         """This rank's micro-batch ``m`` slice of a global-batch tensor."""
-        off = slot_offset(m, self.dist.rank, self.dist.world_size, self.micro)
+        off = self.slice_start(m)
         return t[off : off + self.micro]
+
+    def draw_noise_seed(self) -> torch.Tensor:
+        """One (1,) int64 seed for the in-kernel noise of a step, from the shared generator (same on
+        every rank; a device tensor, so a new seed never recompiles nor syncs)."""
+        return torch.randint(0, 2**62, (1,), device=self.device, dtype=torch.int64, generator=self.rand)
 
     def autocast(self):
         o = self.cfg.optim

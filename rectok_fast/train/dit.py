@@ -6,8 +6,9 @@
 
 Data: the latent cache of ``cache-latents`` (``data.latents``: posterior moments, sampled on the fly
 and normalised with the stored statistics) or online tokenisation of images with a frozen tokenizer
-(``model.tokenizer``).  Loss: the fused flow-matching ops with explicit noise; label drop-out to the
-null class with probability ``loss.label_dropout``; EMA; ``distributed: fsdp`` shards with FSDP2.
+(``model.tokenizer``).  Loss: the fused flow-matching ops, with x0 either generated in the kernel
+from a per-step seed and this rank's sample offset (``noise: kernel``, the default on CUDA) or passed
+as a materialised tensor (``noise: materialized``); label drop-out to the null class with probability ``loss.label_dropout``; EMA; ``distributed: fsdp`` shards with FSDP2.
 """
 
 from __future__ import annotations
@@ -150,12 +151,14 @@ class DiTTrainer(Trainer):
         u = torch.rand(G, device=dev, generator=g)
         s = self.shift
         t = 1 - u if s <= 1.0 else 1 - s * u / (1 + (s - 1) * u)
-        return {
-            "t": t,
-            "x0": torch.randn(G, C, gr, gr, device=dev, generator=g),
-            "eps_post": torch.randn(G, gr * gr, C, device=dev, generator=g),
-            "drop": torch.rand(G, device=dev, generator=g) < self.cfg.loss.label_dropout,
-        }
+        rnd = {"t": t}
+        if self.noise_mode == "kernel":
+            rnd["seed"] = self.draw_noise_seed()
+        else:
+            rnd["x0"] = torch.randn(G, C, gr, gr, device=dev, generator=g)
+        rnd["eps_post"] = torch.randn(G, gr * gr, C, device=dev, generator=g)
+        rnd["drop"] = torch.rand(G, device=dev, generator=g) < self.cfg.loss.label_dropout
+        return rnd
 
     @torch.no_grad()
     def latents_from_batch(self, batch, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,12 +181,15 @@ class DiTTrainer(Trainer):
 
         x1, y = self.latents_from_batch(batch, self.slice_rnd(rnd["eps_post"], m))
         t = self.slice_rnd(rnd["t"], m)
-        x0 = self.slice_rnd(rnd["x0"], m)
+        if self.noise_mode == "kernel":  # x0 regenerated in-kernel (fwd + bwd of both ops), never stored
+            nz = {"seed": rnd["seed"], "sample_offset": self.slice_start(m), "backend": self.noise_backend}
+        else:
+            nz = {"noise": self.slice_rnd(rnd["x0"], m)}
         y = torch.where(self.slice_rnd(rnd["drop"], m), torch.full_like(y, self.num_classes), y)
-        x_t = ops.flow_matching_xt(x1, t, noise=x0)
+        x_t = ops.flow_matching_xt(x1, t, **nz)
         with self.autocast():
             pred = self.model(x_t, t, y)
-        loss = ops.flow_matching_loss(pred.float(), x1, t, noise=x0)
+        loss = ops.flow_matching_loss(pred.float(), x1, t, **nz)
         (loss / self.accum).backward()
         return {"loss": loss.detach()}
 

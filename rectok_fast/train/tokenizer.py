@@ -103,8 +103,11 @@ class TokenizerTrainer(Trainer):
             rnd["t"] = sample_time(G, c.noise_schedule, shift=m.timestep_shift, device=dev, generator=g)
         else:
             rnd["t"] = torch.zeros(G, device=dev)
-        rnd["eps_post"] = torch.randn(G, K, C, device=dev, generator=g)
-        rnd["eps_flow"] = torch.randn(G, K, C, device=dev, generator=g)
+        if self.noise_mode == "kernel":  # posterior + flow noise made in the kernel from this seed
+            rnd["seed"] = self.draw_noise_seed()
+        else:
+            rnd["eps_post"] = torch.randn(G, K, C, device=dev, generator=g)
+            rnd["eps_flow"] = torch.randn(G, K, C, device=dev, generator=g)
         return rnd
 
     def micro_step(self, batch, rnd: dict, m: int) -> dict:
@@ -117,9 +120,12 @@ class TokenizerTrainer(Trainer):
             mask = Mask(shuffle[:, : rnd["K"]].contiguous(), torch.argsort(shuffle, dim=1))
         else:
             mask = Mask(None, None)
-        noise = (self.slice_rnd(rnd["eps_post"], m), self.slice_rnd(rnd["eps_flow"], m))
+        if self.noise_mode == "kernel":
+            nz = {"seed": rnd["seed"], "sample_offset": self.slice_start(m), "flow_backend": self.noise_backend}
+        else:
+            nz = {"noise": (self.slice_rnd(rnd["eps_post"], m), self.slice_rnd(rnd["eps_flow"], m))}
         with self.autocast():
-            out = self.model(images, mask=mask, t=self.slice_rnd(rnd["t"], m), noise=noise)
+            out = self.model(images, mask=mask, t=self.slice_rnd(rnd["t"], m), **nz)
         recon = out.reconstruction.float()
         x01, r01 = images.float() * 0.5 + 0.5, recon * 0.5 + 0.5
         losses = {"l2": F.mse_loss(r01, x01)}
