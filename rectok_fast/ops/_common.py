@@ -150,3 +150,24 @@ def row_loss_fwd_fake(a: torch.Tensor, n_stats: int = 3) -> tuple[torch.Tensor, 
 
 def row_loss_bwd_fake(a: torch.Tensor, b: torch.Tensor, grad_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return a.new_empty(a.shape), b.new_empty(b.shape if grad_target else (0,))
+
+
+def register_row_loss_autograd(fwd_op, bwd_op) -> None:
+    """Autograd for a row-loss op pair ``fwd_op(a, b, weight, scalar) -> (loss, stats)`` /
+    ``bwd_op(grad, a, b, weight, stats, scalar, grad_target) -> (da, db)``: saves the inputs and
+    the per-row stats, and asks for ``db`` only when ``b`` needs a gradient."""
+
+    def setup_context(ctx, inputs, output):
+        a, b, weight, scalar = inputs
+        _, stats = output
+        ctx.save_for_backward(a, b, weight, stats)
+        ctx.scalar = scalar
+        ctx.mark_non_differentiable(stats)
+
+    def backward(ctx, grad_loss, grad_stats):
+        a, b, weight, stats = ctx.saved_tensors
+        grad_target = bool(ctx.needs_input_grad[1])
+        da, db = bwd_op(grad_loss, a, b, weight, stats, ctx.scalar, grad_target)
+        return da, (db if grad_target else None), None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)

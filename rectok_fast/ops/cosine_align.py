@@ -19,6 +19,7 @@ from ._common import (
     FLOAT_DTYPES,
     flatten_rows,
     kernel_backend,
+    register_row_loss_autograd,
     row_loss_bwd,
     row_loss_bwd_fake,
     row_loss_fwd,
@@ -65,22 +66,7 @@ def _(grad, pred, target, weight, stats, margin, grad_target):
     return row_loss_bwd_fake(pred, target, grad_target)
 
 
-def _setup_context(ctx, inputs, output):
-    pred, target, weight, margin = inputs
-    _, stats = output
-    ctx.save_for_backward(pred, target, weight, stats)
-    ctx.margin = margin
-    ctx.mark_non_differentiable(stats)
-
-
-def _backward(ctx, grad_loss, grad_stats):
-    pred, target, weight, stats = ctx.saved_tensors
-    grad_target = bool(ctx.needs_input_grad[1])
-    dpred, dtarget = cosine_align_bwd(grad_loss, pred, target, weight, stats, ctx.margin, grad_target)
-    return dpred, (dtarget if grad_target else None), None, None
-
-
-cosine_align_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_row_loss_autograd(cosine_align_fwd, cosine_align_bwd)
 
 
 # ----------------------------------------------------------------------------- functional

@@ -19,6 +19,7 @@ from ._common import (
     FLOAT_DTYPES,
     flatten_rows,
     kernel_backend,
+    register_row_loss_autograd,
     row_loss_bwd,
     row_loss_bwd_fake,
     row_loss_fwd,
@@ -204,22 +205,7 @@ def _(grad, student, teacher, weight, stats, temperature, grad_target):
     return row_loss_bwd_fake(student, teacher, grad_target)
 
 
-def _kla_setup_context(ctx, inputs, output):
-    student, teacher, weight, temperature = inputs
-    _, stats = output
-    ctx.save_for_backward(student, teacher, weight, stats)
-    ctx.temperature = temperature
-    ctx.mark_non_differentiable(stats)
-
-
-def _kla_backward(ctx, grad_loss, grad_stats):
-    student, teacher, weight, stats = ctx.saved_tensors
-    grad_target = bool(ctx.needs_input_grad[1])
-    ds, dt = kl_align_bwd(grad_loss, student, teacher, weight, stats, ctx.temperature, grad_target)
-    return ds, (dt if grad_target else None), None, None
-
-
-kl_align_fwd.register_autograd(_kla_backward, setup_context=_kla_setup_context)
+register_row_loss_autograd(kl_align_fwd, kl_align_bwd)
 
 
 def kl_align_loss(
