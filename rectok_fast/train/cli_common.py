@@ -65,3 +65,17 @@ def config_from_args(args: argparse.Namespace, kind: str) -> RunConfig:
     if recipe_kind != kind:
         raise ValueError(f"config {args.config} is a {recipe_kind!r} recipe, not {kind!r}")
     return load_config(path, merge(over, {**top, "kind": kind}))
+
+
+def run_training_cli(train_fn, *, prog: str, doc: str | None, default_config: str, kind: str, argv=None) -> dict:
+    """The shared ``main`` of the training commands: parse the run arguments, train, always tear
+    the process group down (also on Ctrl-C or an exception)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p, default_config=default_config)
+    cfg = config_from_args(p.parse_args(argv), kind=kind)
+    try:
+        return train_fn(cfg)
+    finally:
+        from ..utils.distributed import cleanup
+
+        cleanup()

@@ -13,7 +13,6 @@ as a materialised tensor (``noise: materialized``); label drop-out to the null c
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
@@ -26,7 +25,7 @@ from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
 from ..utils.ema import EMA, _unwrap
 from ..utils.images import save_grid
 from .builders import build_ditdh, load_tokenizer
-from .cli_common import add_run_args, config_from_args
+from .cli_common import run_training_cli
 from .common import Trainer
 
 logger = logging.getLogger("rectok_fast.train")
@@ -230,18 +229,9 @@ def train_dit(cfg: RunConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        prog="rectok-fast train-dit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return run_training_cli(
+        train_dit, prog="rectok-fast train-dit", doc=__doc__, default_config="dit/tiny", kind="dit", argv=argv
     )
-    add_run_args(p, default_config="dit/tiny")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args, kind="dit")
-    try:
-        return train_dit(cfg)
-    finally:
-        from ..utils.distributed import cleanup
-
-        cleanup()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ decoder, no masking, γ = 0, KL and semantic losses off, GAN from the start.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
@@ -23,7 +22,7 @@ from ..data.datasets import build_image_dataset
 from ..utils.ema import EMA
 from ..utils.images import save_grid
 from .builders import build_rectok, build_teacher, load_tokenizer
-from .cli_common import add_run_args, config_from_args
+from .cli_common import run_training_cli
 from .common import Trainer
 from .losses import PatchGANDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
 
@@ -187,18 +186,14 @@ def train_tokenizer(cfg: RunConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        prog="rectok-fast train-tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return run_training_cli(
+        train_tokenizer,
+        prog="rectok-fast train-tokenizer",
+        doc=__doc__,
+        default_config="tokenizer/tiny",
+        kind="tokenizer",
+        argv=argv,
     )
-    add_run_args(p, default_config="tokenizer/tiny")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args, kind="tokenizer")
-    try:
-        return train_tokenizer(cfg)
-    finally:
-        from ..utils.distributed import cleanup
-
-        cleanup()
 
 
 if __name__ == "__main__":
