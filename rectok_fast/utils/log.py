@@ -97,7 +97,18 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+            # on a terminal the bar redraws freely; in a log file (CI, cluster jobs) one line per 30 s
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            self.bar = tqdm(
+                total=total,
+                initial=start,
+                desc=desc,
+                dynamic_ncols=True,
+                smoothing=0.1,
+                file=sys.stderr,
+                mininterval=interval,
+                maxinterval=max(10.0, interval),
+            )
 
     def update(self, step: int, metrics: dict[str, float] | None = None) -> float:
         """Advance to ``step`` (1-based count of finished steps); returns images/s since start."""
