@@ -131,3 +131,13 @@ def test_missing_local_weights_message(tmp_path):
         load_teacher("dinov2", "./definitely/not/here")
     with pytest.raises(ValueError, match="unknown teacher"):
         load_teacher("clip-xxl")
+
+
+def test_load_teacher_grid_follows_tokenizer_patch():
+    """A teacher serving a patch-8 tokenizer returns the (H/8)·(W/8) grid (DINOv2-style resizing included)."""
+    from rectok_fast.models.teachers import load_teacher
+
+    t = load_teacher("tiny", tokenizer_patch=8, width=16, depth=1, heads=2, patch_size=8)
+    assert t.tokenizer_patch == 8
+    assert t(torch.rand(2, 3, 32, 48) * 2 - 1).shape == (2, 4 * 6, 16)
+    assert load_teacher("tiny", width=16, depth=1, heads=2).tokenizer_patch == 16

@@ -336,6 +336,7 @@ def load_teacher(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     arch: str | None = None,
+    tokenizer_patch: int = TOKENIZER_PATCH,
     **tiny_kwargs: Any,
 ) -> Teacher:
     """Build a frozen teacher in eval mode.
@@ -348,6 +349,8 @@ def load_teacher(
         dtype: parameter dtype; default bf16 on CUDA, fp32 elsewhere.
         arch: timm teachers from a local source: the timm architecture of the weights (default: the
             directory's timm ``config.json``, else the hub name's architecture).
+        tokenizer_patch: the patch size of the tokenizer the teacher serves: its token grid is
+            ``(H / tokenizer_patch, W / tokenizer_patch)`` whatever the teacher's own patch size.
         tiny_kwargs: arguments of :class:`TinyTeacher` for ``name="tiny"``.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -366,4 +369,5 @@ def load_teacher(
             teacher = DINOv2Teacher(model) if name == "dinov2" else SigLIPTeacher(model)
     else:
         raise ValueError(f"load_teacher: unknown teacher {name!r}; expected one of {['tiny', *DEFAULT_SOURCES]}")
+    teacher.tokenizer_patch = int(tokenizer_patch)
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -42,13 +42,15 @@ def build_teacher(mc: ModelConfig, device: torch.device, image_size: int):
 
     patch = int(mc.extra.get("patch_size", 16))
     if mc.teacher == "tiny":
-        t = load_teacher(
-            "tiny", device=device, width=teacher_width(mc), patch_size=patch, max_grid=max(16, image_size // patch)
+        return load_teacher(
+            "tiny",
+            device=device,
+            tokenizer_patch=patch,
+            width=teacher_width(mc),
+            patch_size=patch,
+            max_grid=max(16, image_size // patch),
         )
-    else:
-        t = load_teacher(mc.teacher, mc.teacher_path, device=device)
-    t.tokenizer_patch = patch  # the teacher's token grid follows the tokenizer's (H / patch)
-    return t
+    return load_teacher(mc.teacher, mc.teacher_path, device=device, tokenizer_patch=patch)
 
 
 def build_ditdh(mc: ModelConfig, channels: int, grid: int, num_classes: int | None = None):
