@@ -128,9 +128,10 @@ else:
     ext_modules, cmdclass = ext_modules_and_cmdclass()
 
 setup(
-    packages=find_packages(include=["rectok_fast", "rectok_fast.*"]) + ["rectok_fast.kernels"],
-    package_dir={"rectok_fast.kernels": "kernels"},
-    package_data={"rectok_fast": ["_build_config.json", "configs/**/*.yaml"]},
+    packages=find_packages(include=["rectok_fast", "rectok_fast.*"]) + ["rectok_fast.kernels", "rectok_fast.configs"],
+    # kernels/ and configs/ sit at the top of the repository and install inside the package
+    package_dir={"rectok_fast.kernels": "kernels", "rectok_fast.configs": "configs"},
+    package_data={"rectok_fast": ["_build_config.json"], "rectok_fast.configs": ["*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -273,8 +273,11 @@ def save_config(cfg: Any, path: str) -> None:
 
 
 def config_dir() -> str:
-    """The ``configs/`` directory of a source checkout (editable install), where the recipes live."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    """Where the recipes live: ``configs/`` of a source checkout, else the copy installed with the
+    package as ``rectok_fast/configs`` (a wheel / non-editable install)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.join(os.path.dirname(here), "configs")
+    return checkout if os.path.isdir(checkout) else os.path.join(here, "configs")
 
 
 def resolve_config_path(name_or_path: str) -> str:
