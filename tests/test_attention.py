@@ -158,3 +158,83 @@ def test_cuda_backends_fa_rule(D, dtype):
         assert out.shape == q.shape
         assert_fa_rule(out, same, ref32)
     assert ran >= 2
+
+
+# ------------------------------------------------------------------ auto: table, traceable choice
+
+
+def _attn_module():
+    import sys
+
+    return sys.modules["rectok_fast.nn.attention"]  # the package re-exports the function under this name
+
+
+def test_shape_class():
+    A = _attn_module()
+    assert A.shape_class(torch.bfloat16, 64, 256) == "bf16-hd64-short"
+    assert A.shape_class(torch.float16, 72, 513) == "fp16-hd72-long"
+    assert A.shape_class(torch.float32, 64, 256) is None
+    assert A.shape_class(torch.bfloat16, 65, 256) is None
+
+
+@pytest.fixture
+def fake_sm90(monkeypatch):
+    """Pretend device 0 is an sm90 GPU for the CUDA branch of auto (no GPU is queried)."""
+    A = _attn_module()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(A, "_CAPABILITY", {})
+    return A
+
+
+def test_auto_uses_table_then_default_order(fake_sm90, monkeypatch):
+    A = fake_sm90
+    monkeypatch.setattr(A, "_HAS", {"flash_attn": False, "flash_attn_interface": False, "xformers": False})
+    monkeypatch.setattr(A, "_TABLE", {})
+    assert A._auto_cuda(0, torch.bfloat16, 64, 256) == "sdpa"  # nothing measured, nothing installed
+    monkeypatch.setattr(A, "_HAS", {"flash_attn": True, "flash_attn_interface": True, "xformers": False})
+    assert A._auto_cuda(0, torch.bfloat16, 64, 256) == "flash_attn3"  # today's order on sm90
+    assert A._auto_cuda(0, torch.bfloat16, 512, 256) == "sdpa"  # no FA kernel above head dim 256
+    table = {"9.0": {"bf16-hd64-short": ["flash_attn4", "sdpa_cudnn", "sdpa_flash"]}}
+    monkeypatch.setattr(A, "_TABLE", table)
+    monkeypatch.setattr(A, "_SUBMODULES", {"flash_attn.cute": False})
+    assert A._auto_cuda(0, torch.bfloat16, 64, 256) == "sdpa_cudnn"  # first runnable table entry
+    assert A._auto_cuda(0, torch.bfloat16, 64, 1024) == "flash_attn3"  # other shape class: default
+    assert A._auto_cuda(0, torch.float16, 64, 256) == "flash_attn3"  # the table is per dtype
+    monkeypatch.setattr(A, "_TABLE", {"8.0": table["9.0"]})
+    assert A._auto_cuda(0, torch.bfloat16, 64, 256) == "flash_attn3"  # the table is per capability
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_auto_choice_traces_fullgraph(fake_sm90, monkeypatch, dynamic):
+    """The CUDA branch of auto (capability, submodule look-up, table) under torch.compile(fullgraph):
+    torch 2.11's dynamo refused importlib.util.find_spec there."""
+    A = fake_sm90
+    monkeypatch.setattr(A, "_SUBMODULES", {})
+    monkeypatch.setattr(A, "_HAS", {"flash_attn": False, "flash_attn_interface": False, "xformers": False})
+    # json.decoder stands in for a submodule such as flash_attn.cute: resolved by find_spec at trace time
+    monkeypatch.setitem(A._MODULE, "flash_attn4", "json.decoder")
+    monkeypatch.setattr(A, "_TABLE", {"9.0": {"bf16-hd64-short": ["flash_attn4", "sdpa"]}})
+
+    def f(q):
+        name = A._auto_cuda(0, q.dtype, q.shape[-1], q.shape[-2])
+        return q * 2 if name == "flash_attn4" else q * 3
+
+    g = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+    q = torch.ones(1, 2, 16, 64, dtype=torch.bfloat16)
+    assert g(q).float().mean().item() == 2.0
+    assert g(torch.ones(1, 2, 16, 72, dtype=torch.bfloat16)).float().mean().item() == 3.0  # no entry: sdpa
+    assert A._SUBMODULES == {"json.decoder": True} and A._CAPABILITY == {0: "9.0"}
+
+
+def test_committed_table_is_well_formed():
+    from rectok_fast.nn.attention_table import SOURCE, TABLE
+
+    A = _attn_module()
+    for cap, entries in TABLE.items():
+        assert cap.count(".") == 1 and all(p.isdigit() for p in cap.split(".")), cap
+        assert cap in SOURCE, f"table entry for {cap} without its measurement's provenance"
+        for cls, order in entries.items():
+            assert cls.split("-")[0] in ("bf16", "fp16") and order, (cls, order)
+            assert set(order) <= set(BACKENDS) - {"auto", "math"}, order
+    assert set(SOURCE) <= set(TABLE)
+    assert A._TABLE is TABLE

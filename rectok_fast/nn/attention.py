@@ -10,8 +10,15 @@ softmax scale ``D ** -0.5`` (of the *given* head dim), no mask, no dropout.  Bac
 * ``"sdpa"``: PyTorch SDPA, letting PyTorch choose; ``"sdpa_cudnn"``, ``"sdpa_flash"``,
   ``"sdpa_efficient"``: SDPA restricted to that one backend (``torch.nn.attention.sdpa_kernel``);
 * ``"math"``: the explicit ``softmax(q kᵀ·scale) v`` reference, accumulated in fp32;
-* ``"auto"`` (default; or set ``RECTOK_FAST_ATTN``): on CUDA in fp16/bf16 the first importable of
-  FA3 (sm90), FA2, xformers, then SDPA; everywhere else SDPA.
+* ``"auto"`` (default; or set ``RECTOK_FAST_ATTN``): on CUDA in fp16/bf16 the first runnable backend
+  of the measured preference order in :mod:`rectok_fast.nn.attention_table` for this GPU's compute
+  capability and the shape class (dtype, head dim, N <= 512 or longer; :func:`shape_class`); where the
+  table has no entry, the first importable of FA3 (sm90), FA2, xformers, then SDPA.  Everywhere else
+  SDPA.  (PyTorch's own SDPA order never picks cuDNN; the table can.)  The table is generated from
+  ``benchmarks/bench_attention.py`` measurements, never typed by hand.  The choice is made without
+  host work inside traced code: package presence is looked up once at import, submodules and the
+  device capability once per process through constant functions, so ``torch.compile(fullgraph=True)``
+  traces ``auto``.
 
 Head-dim padding: a backend that only has kernels for some head dims (FA3/FA4 tile sizes, the
 multiple-of-8 rule of the fused SDPA kernels) gets q, k, v zero-padded to the next supported size
@@ -25,7 +32,6 @@ The chosen backend is recorded: ``rectok_fast.last_backend("attention")``.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import record
+from .attention_table import TABLE as _TABLE
 
 BACKENDS = (
     "auto",
@@ -62,16 +69,60 @@ _HEAD_DIMS: dict[str, tuple[tuple[int, ...] | int, int]] = {
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def _importable(module: str) -> bool:
+# Which optional packages exist is looked up once, here, without importing them (``find_spec`` of a
+# top-level name reads the import path only; nothing touches the GPU).  Dynamo cannot trace
+# ``importlib`` (torch 2.11 refuses ``find_spec`` even behind ``functools.cache``), so traced code
+# only reads this dict.  Submodules (``flash_attn.cute``) need their parent imported to be found:
+# :func:`_submodule_importable` resolves them on first use, outside the traced graph.
+_TOP_LEVEL = ("flash_attn", "flash_attn_interface", "xformers")
+
+
+def _find_top_level(name: str) -> bool:
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package missing
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
         return False
 
 
+_HAS: dict[str, bool] = {name: _find_top_level(name) for name in _TOP_LEVEL}
+_SUBMODULES: dict[str, bool] = {}
+_CAPABILITY: dict[int, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _submodule_importable(module: str) -> bool:
+    """Whether the dotted ``module`` is importable (imports its parent package once; cached).
+
+    Marked constant for dynamo: under ``torch.compile`` it runs in Python while tracing, never in
+    the graph."""
+    if module not in _SUBMODULES:
+        parent = module.split(".")[0]
+        ok = _HAS.get(parent, True)
+        if ok:
+            try:
+                ok = importlib.util.find_spec(module) is not None
+            except Exception:  # the parent fails to import (a broken install counts as absent)
+                ok = False
+        _SUBMODULES[module] = ok
+    return _SUBMODULES[module]
+
+
+def _importable(module: str) -> bool:
+    return _HAS[module] if module in _HAS else _submodule_importable(module)
+
+
+@torch.compiler.assume_constant_result
+def _capability(index: int) -> str:
+    """``"major.minor"`` of CUDA device ``index``, queried once per device (outside traced code)."""
+    if index not in _CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(None if index < 0 else index)
+        _CAPABILITY[index] = f"{major}.{minor}"
+    return _CAPABILITY[index]
+
+
 def available_backends() -> list[str]:
-    """Backends whose package is importable here (no GPU query, nothing imported)."""
+    """Backends whose package is importable here (no GPU query; may import ``flash_attn`` to look
+    for ``flash_attn.cute``)."""
     out = []
     if _importable("flash_attn"):
         out.append("flash_attn")
@@ -97,16 +148,68 @@ def supported_head_dim(backend: str, head_dim: int) -> int:
     return next(s for s in sizes if s >= head_dim)
 
 
+_MODULE = {
+    "flash_attn": "flash_attn",
+    "flash_attn3": "flash_attn_interface",
+    "flash_attn4": "flash_attn.cute",
+    "xformers": "xformers",
+}
+# head dims and sequence-length bucket edge of the auto table's shape classes
+_CLASS_HEAD_DIMS = (32, 64, 72, 80, 96, 128, 192, 256)
+_SHORT_SEQ = 512
+
+
+def shape_class(dtype: torch.dtype, head_dim, seq_len) -> str | None:
+    """The auto table's key for a shape: ``"bf16-hd64-short"`` (``short``: N <= 512, else ``long``);
+    None for dtypes other than bf16/fp16 and head dims outside :data:`_CLASS_HEAD_DIMS`.
+
+    Written with comparisons only, so that symbolic sizes under ``torch.compile`` trace (as guards)."""
+    if dtype == torch.bfloat16:
+        dt = "bf16"
+    elif dtype == torch.float16:
+        dt = "fp16"
+    else:
+        return None
+    for hd in _CLASS_HEAD_DIMS:
+        if head_dim == hd:
+            break
+    else:
+        return None
+    return dt + "-hd" + str(hd) + "-" + ("short" if seq_len <= _SHORT_SEQ else "long")
+
+
+def _runnable(name: str, head_dim) -> bool:
+    module = _MODULE.get(name)
+    if module is not None and not _importable(module):
+        return False
+    if name in _HEAD_DIMS and head_dim > _HEAD_DIMS[name][1]:
+        return False
+    return True
+
+
+def _default_order(capability: str) -> tuple[str, ...]:
+    """The order ``auto`` used before any measurement (FA3 on sm90, FA2, xformers, SDPA)."""
+    return (("flash_attn3",) if capability.startswith("9.") else ()) + ("flash_attn", "xformers", "sdpa")
+
+
 def _auto(q: torch.Tensor) -> str:
+    """``auto``: SDPA off CUDA or outside fp16/bf16; on CUDA the first runnable backend of the
+    measured table entry for (GPU capability, :func:`shape_class`), else of :func:`_default_order`.
+
+    Everything here traces under ``torch.compile``: the capability and submodule look-ups are
+    constant functions (run while tracing), the rest reads module-level dicts."""
     if not q.is_cuda or q.dtype not in _HALF:
         return "sdpa"
-    D = q.shape[-1]
-    if D <= 256 and _importable("flash_attn_interface") and torch.cuda.get_device_capability(q.device)[0] == 9:
-        return "flash_attn3"
-    if D <= 256 and _importable("flash_attn"):
-        return "flash_attn"
-    if _importable("xformers"):
-        return "xformers"
+    index = q.device.index
+    return _auto_cuda(-1 if index is None else index, q.dtype, q.shape[-1], q.shape[-2])
+
+
+def _auto_cuda(index: int, dtype: torch.dtype, head_dim, seq_len) -> str:
+    cap = _capability(index)
+    order = _TABLE.get(cap, {}).get(shape_class(dtype, head_dim, seq_len) or "") or _default_order(cap)
+    for name in order:
+        if _runnable(name, head_dim):
+            return name
     return "sdpa"
 
 
@@ -117,13 +220,8 @@ def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
         raise ValueError(f"attention: backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {backend!r}")
     if backend == "auto":
         return _auto(q)
-    if backend in ("flash_attn", "flash_attn3", "flash_attn4", "xformers"):
-        module = {
-            "flash_attn": "flash_attn",
-            "flash_attn3": "flash_attn_interface",
-            "flash_attn4": "flash_attn.cute",
-            "xformers": "xformers",
-        }[backend]
+    if backend in _MODULE:
+        module = _MODULE[backend]
         if not _importable(module):
             raise RuntimeError(
                 f"attention: backend {backend!r} needs the `{module}` package, which is not importable; "
