@@ -5,32 +5,10 @@ Importing this package compiles nothing, queries no GPU and downloads nothing.
 
 from __future__ import annotations
 
-import importlib
-import json
-import os
-
 from ._backend import last_backend
+from ._extension import build_config, extension_error, load_extension
 
 __version__ = "0.1.0"
-
-_EXT = None
-_EXT_ERROR: str | None = None
-
-
-def load_extension():
-    """Import ``rectok_fast._C`` (registers the ``torch.ops.rectok_fast`` C++ ops) once; None if absent."""
-    global _EXT, _EXT_ERROR
-    if _EXT is None and _EXT_ERROR is None:
-        try:
-            _EXT = importlib.import_module("rectok_fast._C")
-        except ImportError as e:  # not built (e.g. running from a source tree without install)
-            _EXT_ERROR = str(e)
-    return _EXT
-
-
-def extension_error() -> str | None:
-    load_extension()
-    return _EXT_ERROR
 
 
 def build_info() -> dict:
@@ -39,12 +17,9 @@ def build_info() -> dict:
 
     from ._backend import triton_interpret
 
-    cfg_path = os.path.join(os.path.dirname(__file__), "_build_config.json")
-    cfg = {}
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    ext = load_extension()
+    cfg = build_config()
+    error = extension_error()
+    ext = None if error is not None else load_extension()
     try:
         import triton
 
@@ -61,7 +36,7 @@ def build_info() -> dict:
         "triton_interpret": triton_interpret(),
         "cpu_extension": ext is not None,
         "cuda_extension_compiled": bool(ext is not None and cfg.get("cuda_extension_compiled", False)),
-        "extension_error": _EXT_ERROR,
+        "extension_error": error,
         "cuda_available": torch.cuda.is_available(),
         "attention_backends": available_backends(),
     }
@@ -69,4 +44,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "build_info", "last_backend", "load_extension"]
+__all__ = ["__version__", "build_info", "extension_error", "last_backend", "load_extension"]

@@ -29,6 +29,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+if triton_interpret():
+    from ._triton_compat import apply_interpreter_shim
+
+    apply_interpreter_shim()
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -45,8 +51,15 @@ def resolve_triton_backend(op: str, backend: str, *tensors: torch.Tensor | None)
     """
     if backend not in BACKENDS_TRITON:
         raise ValueError(f"{op}: backend must be one of {BACKENDS_TRITON}, got {backend!r}")
-    ts = [t for t in tensors if t is not None]
-    on_cuda = bool(ts) and all(t.is_cuda for t in ts)
+    # A plain loop, not ``bool(list)``: torch 2.11's dynamo cannot trace ``bool`` on a list.
+    on_cuda = False
+    for t in tensors:
+        if t is None:
+            continue
+        if not t.is_cuda:
+            on_cuda = False
+            break
+        on_cuda = True
     if backend == "auto":
         chosen = "triton" if (on_cuda and triton_available()) else "reference"
     elif backend == "triton":

@@ -88,3 +88,85 @@ def test_import_does_not_initialise_cuda(tmp_path):
     out = _run(code, tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, False]
+
+
+def test_extension_built_for_the_running_torch():
+    """The recorded build matches the running torch (two environments never share one ``_C*.so``)."""
+    if not rectok_fast.build_info()["cpu_extension"]:
+        pytest.skip(f"C++ extension not built here: {rectok_fast.extension_error()}")
+    import torch
+
+    assert rectok_fast.build_config()["torch_version_at_build"] == torch.__version__
+
+
+def _fresh_extension_module(monkeypatch, tmp_path, record: dict | None):
+    """A fresh copy of :mod:`rectok_fast._extension` reading ``record`` as its build config."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ext_copy", rectok_fast._extension.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = tmp_path / "_build_config.json"
+    if record is not None:
+        cfg.write_text(json.dumps(record))
+    monkeypatch.setattr(mod, "_BUILD_CONFIG", str(cfg))
+    return mod
+
+
+def test_extension_for_another_torch_is_refused(monkeypatch, tmp_path):
+    mod = _fresh_extension_module(monkeypatch, tmp_path, {"torch_version_at_build": "0.0.1+other"})
+    monkeypatch.delenv(mod.REQUIRE_ENV, raising=False)
+    assert mod.load_extension() is None
+    err = mod.extension_error()
+    assert "built for torch 0.0.1+other" in err and "rebuild" in err
+
+
+def test_required_extension_missing_raises(monkeypatch, tmp_path):
+    mod = _fresh_extension_module(monkeypatch, tmp_path, {"torch_version_at_build": "0.0.1+other"})
+    monkeypatch.setenv(mod.REQUIRE_ENV, "1")
+    with pytest.raises(mod.ExtensionError, match="RECTOK_FAST_REQUIRE_EXTENSION=1"):
+        mod.load_extension()
+    # extension_error() reports the reason without raising
+    assert "0.0.1+other" in mod.extension_error()
+
+
+def test_required_extension_present_loads(monkeypatch, tmp_path):
+    if not rectok_fast.build_info()["cpu_extension"]:
+        pytest.skip(f"C++ extension not built here: {rectok_fast.extension_error()}")
+    import torch
+
+    mod = _fresh_extension_module(monkeypatch, tmp_path, {"torch_version_at_build": torch.__version__})
+    monkeypatch.setenv(mod.REQUIRE_ENV, "1")
+    assert mod.load_extension() is not None
+
+
+@pytest.mark.parametrize(("version", "needed"), [("3.5.1", True), ("3.6.0", True), ("3.7.0", False), ("3.8.0", False), ("4.0.0", False), ("3.10.0", False)])
+def test_interpreter_shim_only_for_old_triton(version, needed):
+    from rectok_fast._triton_compat import needs_index_shim
+
+    assert needs_index_shim(version) is needed
+
+
+def test_interpreter_runs_runtime_bound_loops():
+    """A kernel looping over a runtime bound runs under the interpreter on every supported triton/numpy
+    (triton 3.6 with numpy >= 2.4 needs rectok_fast's shim)."""
+    from rectok_fast._backend import triton_interpret
+
+    if not triton_interpret():
+        pytest.skip("runs under TRITON_INTERPRET=1 only")
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sum_kernel(X, OUT, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(0, n, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            acc += tl.load(X + offs, mask=offs < n, other=0.0)
+        tl.store(OUT, tl.sum(acc, 0))
+
+    x = torch.arange(37, dtype=torch.float32)
+    out = torch.zeros(1)
+    _sum_kernel[(1,)](x, out, x.numel(), BLOCK=16)
+    assert out.item() == x.sum().item()

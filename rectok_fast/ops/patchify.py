@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import load_extension
+from .._extension import load_extension
 from .._backend import BACKENDS_CPP, record
 from .._validate import (
     FLOAT_DTYPES,
