@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -53,14 +55,48 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...]) 
 
 CHECK_INDICES_ENV = "RECTOK_FAST_CHECK_INDICES"
 
+# Index checks: the design (DESIGN.md, "hot paths never sync with the host").
+#
+# The eager functionals (gather_tokens, restore_tokens, patchify with ids_keep) check the *values* of
+# their index tensors, which reads them back to the host: one device sync per call, about 11 per
+# tokenizer micro-step.  Checks that need host values run once per data batch, where the indices are
+# made, not in every op that consumes them:
+#
+# * by default (a caller handing the library its own indices) every eager functional checks, with an
+#   error that names the argument;
+# * code that builds the indices itself (the tokenizer trainer's masks and the benchmarks': argsort
+#   of a permutation, valid by construction) or has checked them once per batch
+#   (``check_index_range(..., force=True)``) runs the model under :func:`trusted_indices`, and the
+#   per-op checks are skipped: zero syncs;
+# * ``RECTOK_FAST_CHECK_INDICES=0`` turns them off everywhere; under ``torch.compile`` they never run
+#   (the registered ops never check: their kernels are memory-safe for any index value).
+_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("rectok_fast_trusted_indices", default=False)
+
+
+@contextlib.contextmanager
+def trusted_indices(trusted: bool = True) -> Iterator[None]:
+    """Within this block the eager index-value checks are skipped (``trusted=False`` re-enables them).
+
+    Use it around code whose index tensors are valid by construction or were checked once for the
+    batch (:func:`check_index_range` outside the block): the per-op checks would each read the
+    indices back to the host.  Context-local (threads and asyncio tasks each have their own)."""
+    token = _TRUSTED.set(trusted)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
 
 def index_checks_enabled() -> bool:
-    """Whether eager functionals validate index values (``RECTOK_FAST_CHECK_INDICES``, default on).
+    """Whether eager functionals validate index values: ``RECTOK_FAST_CHECK_INDICES`` (default on)
+    and not inside :func:`trusted_indices`.
 
-    The check reads the indices back to the host (a device sync on CUDA); set the variable to ``0``
-    to skip it in eager training loops.  The registered ops never check (they run inside compiled
-    graphs): their kernels are memory-safe for any index value instead.  Read at every call.
+    The check reads the indices back to the host (a device sync on CUDA).  The registered ops never
+    check (they run inside compiled graphs): their kernels are memory-safe for any index value
+    instead.  Read at every call.
     """
+    if _TRUSTED.get():
+        return False
     return os.environ.get(CHECK_INDICES_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -70,14 +106,18 @@ def data_checks_active(t: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or t.numel() == 0 or t.device.type == "meta") and index_checks_enabled()
 
 
-def check_index_range(op: str, name: str, idx: torch.Tensor, upper: int) -> None:
+def check_index_range(op: str, name: str, idx: torch.Tensor, upper: int, *, force: bool = False) -> None:
     """Raise ``ValueError`` when an index tensor has entries outside ``[0, upper)``.
 
-    A host sync, so it runs only in eager functionals: skipped while tracing under ``torch.compile``
-    (the data-dependent check would cause a graph break) and when ``RECTOK_FAST_CHECK_INDICES=0``.
+    A host sync (one transfer of the min and max), so it runs only in eager functionals: skipped
+    while tracing under ``torch.compile`` (the data-dependent check would cause a graph break),
+    inside :func:`trusted_indices` and when ``RECTOK_FAST_CHECK_INDICES=0``.  ``force=True`` checks
+    regardless of the last two (the once-per-batch check of a caller that then trusts the indices).
     """
-    if not data_checks_active(idx):
+    if torch.compiler.is_compiling() or idx.numel() == 0 or idx.device.type == "meta":
         return
-    lo, hi = int(idx.min()), int(idx.max())
+    if not (force or index_checks_enabled()):
+        return
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one reduction, one host transfer
     if lo < 0 or hi >= upper:
         raise ValueError(f"{op}: `{name}` has entries in [{lo}, {hi}], outside the valid range [0, {upper})")

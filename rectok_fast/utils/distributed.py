@@ -91,17 +91,27 @@ def broadcast_object(obj):
 
 
 class MetricAccumulator:
-    """Sums of named scalar losses kept on the device (``acc.add(loss=..)`` never syncs);
-    :meth:`pop_means` does one all-reduce and one host transfer for all of them.  Each name is
-    averaged over the calls that provided it."""
+    """Sums of named scalar losses: tensors stay on the device (``acc.add(loss=..)`` never syncs),
+    Python numbers (the learning rate) stay on the host (no tensor is made from them per step);
+    :meth:`pop_means` does one host-to-device copy of the host sums, one all-reduce and one
+    device-to-host transfer for all of them.  Each name is averaged over the calls that provided it."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.names: list[str] = []
-        self.sums: torch.Tensor | None = None  # (2, K): row 0 sums, row 1 counts
+        self.sums: torch.Tensor | None = None  # (2, K): row 0 sums, row 1 counts (device values)
+        self.host: dict[str, list[float]] = {}  # name -> [sum, count] of Python numbers
 
     def add(self, **values: torch.Tensor | float) -> None:
-        new = [k for k in values if k not in self.names]
+        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+        for k, v in values.items():
+            if not isinstance(v, torch.Tensor):
+                acc = self.host.setdefault(k, [0.0, 0.0])
+                acc[0] += float(v)
+                acc[1] += 1.0
+        if not tensors:
+            return
+        new = [k for k in tensors if k not in self.names]
         if new:
             self.names += new
             extra = torch.zeros(2, len(new), device=self.device, dtype=torch.float64)
@@ -109,25 +119,29 @@ class MetricAccumulator:
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         vals, cnts = [], []
         for k in self.names:
-            v = values.get(k)
+            v = tensors.get(k)
             if v is None:
                 vals.append(zero)
                 cnts.append(zero)
             else:
-                v = (
-                    v.detach().to(self.device, torch.float64).reshape(())
-                    if isinstance(v, torch.Tensor)
-                    else torch.tensor(float(v), device=self.device, dtype=torch.float64)
-                )
-                vals.append(v)
+                vals.append(v.detach().to(self.device, torch.float64).reshape(()))
                 cnts.append(zero + 1)
         self.sums = self.sums + torch.stack([torch.stack(vals), torch.stack(cnts)])
 
     def pop_means(self) -> dict[str, float]:
-        if self.sums is None or not self.names:
+        host = [k for k in self.host if k not in self.names]
+        if not self.names and not host:
             return {}
-        tot = all_reduce_mean(self.sums)  # means of sums and of counts over ranks: their ratio is the global mean
+        names = self.names + host
+        # once per log interval: the host sums join the device sums for one all-reduce
+        rows = [[self.host.get(k, [0.0, 0.0])[i] for k in names] for i in (0, 1)]
+        tot = torch.tensor(rows, dtype=torch.float64, device=self.device)
+        if self.sums is not None:
+            tot[:, : len(self.names)] += self.sums
+        tot = all_reduce_mean(tot)  # means of sums and of counts over ranks: their ratio is the global mean
         sums, counts = tot.tolist()
-        out = {k: s / c for k, s, c in zip(self.names, sums, counts) if c > 0}
-        self.sums = torch.zeros_like(self.sums)
+        out = {k: s / c for k, s, c in zip(names, sums, counts) if c > 0}
+        if self.sums is not None:
+            self.sums = torch.zeros_like(self.sums)
+        self.host = {}
         return out
