@@ -10,16 +10,17 @@ The functionals are imported eagerly on purpose: several share their submodule's
 
 from __future__ import annotations
 
+from rectok_fast._moved import moved_names
+
 from .cosine_align import cosine_align_loss
 from .flow_matching import flow_matching_loss, flow_matching_noise, flow_matching_xt
 from .kl import gaussian_kl, kl_align_loss
 from .patchify import patchify, unpatchify
-from .posterior_flow import default_shift, flow_noise, posterior_flow, sample_time, shift_time
+from .posterior_flow import flow_noise, posterior_flow
 from .tokens import gather_tokens, restore_tokens
 
 __all__ = [
     "cosine_align_loss",
-    "default_shift",
     "flow_matching_loss",
     "flow_matching_noise",
     "flow_matching_xt",
@@ -30,7 +31,10 @@ __all__ = [
     "patchify",
     "posterior_flow",
     "restore_tokens",
-    "sample_time",
-    "shift_time",
     "unpatchify",
 ]
+
+# not fused ops: the flow-time helpers live in rectok_fast.schedules
+__getattr__ = moved_names(
+    __name__, dict.fromkeys(("default_shift", "sample_time", "shift_time"), "rectok_fast.schedules")
+)

@@ -29,16 +29,21 @@ import triton
 import triton.language as tl
 
 from rectok_fast._backend import resolve_triton_backend, triton_interpret
+from rectok_fast._moved import moved_names
 from rectok_fast._validate import FLOAT_DTYPES, check_same_device, check_tensor
 from rectok_fast.kernels.posterior_flow import (
     normal_pair_kernel,
     posterior_flow_bwd_kernel,
     posterior_flow_fwd_kernel,
 )
-from rectok_fast.reference.posterior_flow import default_shift, sample_time, shift_time
 from rectok_fast.reference.posterior_flow import posterior_flow as _ref_posterior_flow
 
-__all__ = ["default_shift", "flow_noise", "posterior_flow", "sample_time", "shift_time"]
+__all__ = ["flow_noise", "posterior_flow"]
+
+# the flow-time helpers moved to rectok_fast.schedules
+__getattr__ = moved_names(
+    __name__, dict.fromkeys(("default_shift", "sample_time", "shift_time"), "rectok_fast.schedules")
+)
 
 _OP = "posterior_flow"
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

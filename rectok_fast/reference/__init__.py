@@ -4,11 +4,13 @@ Each function computes exactly what SPEC.md states, in the obvious way; ``upcast
 fp32 (or keeps fp64) and casts the result back, which is what the tests compare kernels against.
 """
 
+from rectok_fast._moved import moved_names
+
 from .cosine_align import cosine_align_loss
 from .flow_matching import flow_matching_loss, flow_matching_xt
 from .kl import gaussian_kl, kl_align_loss
 from .patchify import patchify, unpatchify
-from .posterior_flow import posterior_flow, sample_time
+from .posterior_flow import posterior_flow
 from .tokens import gather_tokens, restore_tokens
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "patchify",
     "posterior_flow",
     "restore_tokens",
-    "sample_time",
     "unpatchify",
 ]
+
+# moved to rectok_fast.schedules (not an op; the reference holds oracles only)
+__getattr__ = moved_names(__name__, {"sample_time": "rectok_fast.schedules"})

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import math
-
 import torch
+
+from rectok_fast._moved import moved_names
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -45,39 +45,7 @@ def posterior_flow(
     return z.to(dtype), z_t.to(dtype), kl
 
 
-def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """``s·u / (1 + (s - 1)·u)``: the resolution-dependent time shift (s = 1 is the identity)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def default_shift(grid: int, channels: int) -> float:
-    """``s = sqrt(g·g·C / 4096)``: √8 for a 16×16 grid of 128 channels."""
-    return math.sqrt(grid * grid * channels / 4096)
-
-
-def sample_time(
-    batch: int,
-    schedule: str = "shift",
-    *,
-    shift: float | None = None,
-    grid: int | None = None,
-    channels: int | None = None,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One flow time per sample (B,), fp32, for the tokenizer's noise schedules (t = 1 is noise).
-
-    ``uniform``: U(0, 1); ``lognorm``: sigmoid(N(0, 1)); ``shift``: ``shift_time(U(0,1), s)`` with
-    ``s = shift`` or ``sqrt(grid²·channels/4096)``.
-    """
-    if schedule == "uniform":
-        return torch.rand(batch, device=device, generator=generator)
-    if schedule == "lognorm":
-        return torch.sigmoid(torch.randn(batch, device=device, generator=generator))
-    if schedule == "shift":
-        if shift is None:
-            if grid is None or channels is None:
-                raise ValueError("sample_time: schedule='shift' needs `shift` or both `grid` and `channels`")
-            shift = default_shift(grid, channels)
-        return shift_time(torch.rand(batch, device=device, generator=generator), shift)
-    raise ValueError(f"sample_time: `schedule` must be 'uniform', 'lognorm' or 'shift', got {schedule!r}")
+# the flow-time helpers moved to rectok_fast.schedules (this module holds the oracle only)
+__getattr__ = moved_names(
+    __name__, dict.fromkeys(("default_shift", "sample_time", "shift_time"), "rectok_fast.schedules")
+)

@@ -26,29 +26,12 @@ import torch
 import torch.nn as nn
 
 from rectok_fast._validate import check_same_device, check_tensor
+from rectok_fast.schedules import time_grid  # the shifted grid of SPEC §4 (re-exported here)
 
 __all__ = ["METHODS", "guided_velocity", "sample", "time_grid"]
 
 METHODS = ("euler", "heun", "euler_maruyama", "sde")
 GUIDANCES = (None, "none", "cfg", "autoguidance")
-
-
-def time_grid(
-    num_points: int, shift: float = 1.0, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """The sampling grid of SPEC §4, (num_points,), increasing from 0 (noise) to 1 (data).
-
-    ``τ_i = i/(n-1)``, ``m_i = s·τ_i / (1 + (s - 1)·τ_i)``; for ``s ≥ 1`` the grid is
-    ``t_i = m_{n-1} - m_{n-1-i}`` (dense near the noise end), for ``s < 1`` it is ``m_i``.
-    """
-    if num_points < 2:
-        raise ValueError(f"time_grid: `num_points` must be >= 2, got {num_points}")
-    if not shift > 0:
-        raise ValueError(f"time_grid: `shift` must be positive, got {shift}")
-    tau = torch.linspace(0, 1, num_points, dtype=torch.float64)
-    m = shift * tau / (1 + (shift - 1) * tau)
-    t = m if shift < 1 else m[-1] - m.flip(0)
-    return t.to(device=device, dtype=dtype)
 
 
 def _null_labels(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
