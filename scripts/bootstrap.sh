@@ -47,4 +47,14 @@ if [ ! -f "$stamp_build" ] || ! "$PY" -c 'import rectok_fast._C' 2>/dev/null; th
   rm -f "$VENV"/.rectok-build-*
   touch "$stamp_build"
 fi
-say "ready: $("$PY" -c 'import torch, rectok_fast; i = rectok_fast.build_info(); print(f"torch {torch.__version__}, triton {i[\"triton_version\"]}, C++ extension {i[\"cpu_extension\"]}, CUDA kernels compiled {i[\"cuda_extension_compiled\"]}")')"
+ready=$("$PY" - <<'PY'
+import torch
+
+import rectok_fast
+
+i = rectok_fast.build_info()
+print(f"torch {torch.__version__}, triton {i['triton_version']}, C++ extension {i['cpu_extension']}, "
+      f"CUDA kernels compiled {i['cuda_extension_compiled']}")
+PY
+)
+say "ready: $ready"
