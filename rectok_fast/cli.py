@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+TRUST_FLAG = "--trust-remote-code"  # the same string as rectok_fast.utils.checkpoint.TRUST_FLAG (kept import-free)
+
 COMMANDS = {
     "demo": (
         "rectok_fast.train.demo",
@@ -31,6 +33,9 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += [
         "",
+        f"{TRUST_FLAG} (anywhere on the line): allow a full unpickle of checkpoint files that need globals",
+        "  beyond the safe allow-list; such a file can run code, so only for files from a trusted source.",
+        "",
         "Distributed: torchrun --nproc-per-node N -m <module> ... (modules: "
         + ", ".join(m for m, _ in COMMANDS.values())
         + ")",
@@ -40,6 +45,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    trust = TRUST_FLAG in argv
+    argv = [a for a in argv if a != TRUST_FLAG]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
@@ -53,7 +60,18 @@ def main(argv: list[str] | None = None):
         print(f"rectok-fast: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
-    module.main(rest)
+    if not trust:
+        module.main(rest)
+        return 0
+    from rectok_fast.utils.checkpoint import trusting_remote_code
+
+    print(
+        f"rectok-fast {cmd}: {TRUST_FLAG}: checkpoint files this command reads may be unpickled in full "
+        "and can run code; each such load is logged",
+        file=sys.stderr,
+    )
+    with trusting_remote_code(True):
+        module.main(rest)
     return 0
 
 

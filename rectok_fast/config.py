@@ -303,3 +303,16 @@ def total_steps(optim: OptimConfig, spe: int) -> int:
 def lr_for(optim: OptimConfig, global_batch_size: int) -> float:
     """Peak learning rate: ``lr`` if set, else ``blr · global_batch_size / 256`` (SPEC §3)."""
     return float(optim.lr) if optim.lr is not None else optim.blr * global_batch_size / 256
+
+
+def data_overrides(spec: str | None) -> dict:
+    """``--data`` of the CLIs as a config override: ``embedded``, an image folder or a file list."""
+    if spec is None:
+        return {}
+    if spec == "embedded":
+        return {"data": {"source": "embedded"}}
+    if os.path.isdir(spec):
+        return {"data": {"source": "folder", "path": spec}}
+    if os.path.isfile(spec):
+        return {"data": {"source": "filelist", "path": spec}}
+    raise FileNotFoundError(f"--data {spec!r}: not 'embedded', a directory or a file list")

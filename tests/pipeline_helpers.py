@@ -78,4 +78,4 @@ def synthetic_latent_cache(
 
 
 def state_of(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(reference_file("golden_ditdh_tiny.pt"), map_location="cpu")
+    return torch.load(reference_file("golden_ditdh_tiny.pt"), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

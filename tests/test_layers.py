@@ -55,7 +55,7 @@ def _rectok_table_spec(D, gh, gw):
 
 
 def test_rectok_rope_golden_and_spec():
-    golden = torch.load(reference_file("golden_rope_vitb.pt"))["rope_vitb_grid16"]
+    golden = torch.load(reference_file("golden_rope_vitb.pt"), weights_only=True)["rope_vitb_grid16"]
     table = rectok_rope_table(64, 16)
     assert table.shape == (256, 128)
     torch.testing.assert_close(table, golden, atol=0, rtol=0)

@@ -156,7 +156,7 @@ def test_cache_train_sample_eval(tokenizer_export, tmp_path):
 def test_load_dit_official_checkpoint_reproduces_golden_samples(tmp_path):
     from rectok_fast.sampling import sample
 
-    golden = torch.load(reference_file("golden_ditdh_tiny.pt"), map_location="cpu")
+    golden = torch.load(reference_file("golden_ditdh_tiny.pt"), map_location="cpu", weights_only=True)
     path = tmp_path / "official.pth"
     torch.save({"model": golden["state_dict"], "model_ema": golden["state_dict"]}, path)
     dit = load_dit(str(path))

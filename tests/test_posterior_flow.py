@@ -161,7 +161,7 @@ def test_reference_backend_with_seed_is_deterministic():
 
 @pytest.mark.skipif(not GOLDEN.exists(), reason="golden_rectok_tiny.pt not found (set RECTOK_FAST_REFERENCE_DIR)")
 def test_golden_flow_zt_bit_exact(kernel_device):
-    g = torch.load(GOLDEN, weights_only=False)["outputs"]
+    g = torch.load(GOLDEN, weights_only=True)["outputs"]
     moments = g["moments"].to(kernel_device)
     eps = g["flow_eps"].to(kernel_device)
     t = g["flow_t"].reshape(-1).to(kernel_device)
@@ -177,7 +177,7 @@ def test_golden_flow_zt_bit_exact(kernel_device):
 
 @pytest.mark.skipif(not GOLDEN.exists(), reason="golden_rectok_tiny.pt not found (set RECTOK_FAST_REFERENCE_DIR)")
 def test_golden_shift_schedule():
-    g = torch.load(GOLDEN, weights_only=False)
+    g = torch.load(GOLDEN, weights_only=True)
     out, cfg = g["outputs"], g["config"]
     grid = cfg["img_size"] // cfg["patch_size"]
     assert default_shift(grid, cfg["token_channels"]) == pytest.approx(float(out["shift"]), rel=1e-6)

@@ -22,7 +22,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(reference_file("golden_rectok_tiny.pt"), weights_only=False)
+    return torch.load(reference_file("golden_rectok_tiny.pt"), weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def test_gather_noncontiguous_int32_mixed_dtype(kernel_device):
 
 def test_gather_rope_rows_golden(kernel_device):
     """The tokenizer gathers the RoPE rows of the kept tokens: gather_tokens(table, ids) == table[ids]."""
-    g = torch.load(reference_file("golden_rectok_tiny.pt"), map_location="cpu", weights_only=False)["outputs"]
+    g = torch.load(reference_file("golden_rectok_tiny.pt"), map_location="cpu", weights_only=True)["outputs"]
     table, ids = g["rope_encoder"].to(kernel_device), g["ids_keep"].to(kernel_device)  # (N, 2·D), (B, K)
     out = gather_tokens(table, ids, backend="triton")
     assert out.shape == (ids.shape[0], ids.shape[1], table.shape[1])

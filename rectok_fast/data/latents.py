@@ -78,6 +78,23 @@ def write_latent_cache(
     return path
 
 
+def shard_path(cache_dir: str, name: object, index: str = "index.json") -> str:
+    """``cache_dir/name`` for a shard file listed in ``index``, refusing any name that could leave the
+    cache directory: absolute paths, drive letters, ``..`` components, empty or non-string names.
+    (Symbolic links inside the cache are followed, as for any file the user put there.)"""
+    ok = isinstance(name, str) and name.strip() != "" and "\0" not in name
+    if ok:
+        parts = name.replace("\\", "/").split("/")
+        ok = not (os.path.isabs(name) or name.startswith(("/", "\\")) or os.path.splitdrive(name)[0])
+        ok = ok and ".." not in parts and not (len(parts[0]) >= 2 and parts[0][1] == ":")
+    if not ok:
+        raise ValueError(
+            f"{index}: shard file name {name!r} is not a relative path inside the cache directory "
+            "(absolute paths and '..' are refused); the index is corrupt or was not written by `rectok-fast cache-latents`"
+        )
+    return os.path.join(cache_dir, name)
+
+
 class LatentCacheDataset(Dataset):
     """``(moments (N, 2C) float32, label)`` from a cache directory (shards loaded into memory once)."""
 
@@ -91,7 +108,7 @@ class LatentCacheDataset(Dataset):
             self.index = json.load(f)
         ms, ys = [], []
         for s in self.index["shards"]:
-            d = load_file(os.path.join(cache_dir, s["file"]))
+            d = load_file(shard_path(cache_dir, s.get("file") if isinstance(s, dict) else s, index=path))
             ms.append(d["moments"])
             ys.append(d["labels"])
         self.moments = torch.cat(ms)

@@ -19,10 +19,10 @@ import tempfile
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, data_overrides
 from ..data.datasets import build_image_dataset
-from ..train.builders import load_tokenizer, write_json
-from ..train.cli_common import data_overrides
+from ..models.loading import load_tokenizer
+from ..utils import write_json
 from ..utils.log import setup_logging
 from .metrics import generation_metrics, mean_color_psnr, psnr, ssim
 

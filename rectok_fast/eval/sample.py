@@ -21,7 +21,8 @@ import os
 import numpy as np
 import torch
 
-from ..train.builders import load_dit, load_tokenizer, write_json
+from ..models.loading import load_dit, load_tokenizer
+from ..utils import write_json
 from ..utils.distributed import barrier, cleanup, init_distributed
 from ..utils.images import save_grid, to_uint8_hwc
 from ..utils.log import setup_logging

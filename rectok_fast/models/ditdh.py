@@ -413,7 +413,13 @@ class DiTDH(nn.Module):
 
     @classmethod
     def from_official(
-        cls, obj, use_ema: bool = True, *, device: torch.device | str | None = None, **overrides
+        cls,
+        obj,
+        use_ema: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        trust_remote_code: bool | None = None,
+        **overrides,
     ) -> DiTDH:
         """Load a released DiT^DH checkpoint, inferring the configuration from the shapes.
 
@@ -423,8 +429,19 @@ class DiTDH(nn.Module):
         ``depth`` when encoder and head have the same width and the split cannot be inferred).
         The model is built on the meta device and the checkpoint tensors are assigned to it (no second
         copy); ``device`` moves it afterwards.  Returns the model in eval mode.
+        A ``.pth`` is read with ``torch.load(weights_only=True)`` (allow-listed ``argparse.Namespace``
+        etc.); a file needing any other global raises
+        :class:`~rectok_fast.utils.checkpoint.UnsafeCheckpointError` unless ``trust_remote_code=True``.
         """
-        sd = _state_dict_from(obj, use_ema)
+        from .loading import official_state_dict  # loading.py sits above this module (it builds DiTs)
+
+        sd = official_state_dict(
+            obj, use_ema=use_ema, what="DiTDH.from_official", trust_remote_code=trust_remote_code, mmap=True
+        )
+        if "x_embedder.proj.weight" not in sd:
+            raise ValueError(
+                "DiTDH.from_official: no `x_embedder.proj.weight` in the checkpoint; is it a DiT^DH state dict?"
+            )
         cfg = infer_ditdh_config(sd, **overrides)
         with torch.device("meta"):
             model = cls(cfg)
@@ -464,45 +481,6 @@ class DiTDH(nn.Module):
 
 
 # ----------------------------------------------------------------------------- config inference
-
-_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
-
-
-def _state_dict_from(obj, use_ema: bool) -> dict[str, torch.Tensor]:
-    if isinstance(obj, (str, os.PathLike)):
-        path = os.fspath(obj)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path)
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # e.g. a checkpoint that pickles an argparse.Namespace
-                raise RuntimeError(
-                    f"DiTDH.from_official: could not load {path!r} with torch.load(weights_only=True) ({e}). "
-                    "If you trust the file, load it yourself with torch.load(path, weights_only=False) and pass the dict."
-                ) from e
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"DiTDH.from_official: expected a path or a dict, got {type(obj).__name__}")
-    if "model_ema" in obj and use_ema and isinstance(obj["model_ema"], Mapping):
-        obj = obj["model_ema"]
-    elif "ema" in obj and use_ema and isinstance(obj["ema"], Mapping):
-        obj = obj["ema"]
-    elif "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    sd = {}
-    for k, v in obj.items():
-        while k.startswith(_PREFIXES):
-            k = k.split(".", 1)[1]
-        sd[k] = v
-    if "x_embedder.proj.weight" not in sd:
-        raise ValueError(
-            "DiTDH.from_official: no `x_embedder.proj.weight` in the checkpoint; is it a DiT^DH state dict?"
-        )
-    return sd
 
 
 def infer_ditdh_config(sd: Mapping[str, torch.Tensor], **overrides) -> DiTDHConfig:

@@ -616,12 +616,32 @@ class RecTok(nn.Module):
         return RecTokConfig(**cfg)
 
     @classmethod
-    def from_official(cls, obj: str | os.PathLike | dict, use_ema: bool = True, **overrides: Any) -> RecTok:
+    def from_official(
+        cls,
+        obj: str | os.PathLike | dict,
+        use_ema: bool = True,
+        *,
+        trust_remote_code: bool | None = None,
+        **overrides: Any,
+    ) -> RecTok:
         """Load a released checkpoint: a path to the official ``.pth``, a loaded checkpoint dict
         (``{"model": …, "model_ema": …}``) or a bare state dict.  The configuration is inferred from
         the shapes (:meth:`config_from_state_dict`); frozen teacher weights
-        (``sem_foundation_models.*``) are ignored.  Returns the model in eval mode on the CPU."""
-        sd = _official_state_dict(obj, use_ema)
+        (``sem_foundation_models.*``) are ignored.  Returns the model in eval mode on the CPU.
+
+        A path is read with ``torch.load(weights_only=True)`` (the ``argparse.Namespace`` the
+        released files pickle is allow-listed); a file needing any other global raises
+        :class:`~rectok_fast.utils.checkpoint.UnsafeCheckpointError` unless ``trust_remote_code=True``
+        (see :mod:`rectok_fast.models.loading`)."""
+        from .loading import official_state_dict  # loading.py sits above this module (it builds RecToks)
+
+        sd = official_state_dict(
+            obj,
+            use_ema=use_ema,
+            what="RecTok.from_official",
+            drop_prefixes=("sem_foundation_models.",),
+            trust_remote_code=trust_remote_code,
+        )
         cfg = cls.config_from_state_dict(sd, **overrides)
         with torch.device("meta"):
             model = cls(cfg)
@@ -679,40 +699,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-def _official_state_dict(obj: Any, use_ema: bool) -> dict[str, torch.Tensor]:
-    if isinstance(obj, (str, os.PathLike)):
-        if not os.path.exists(obj):
-            raise FileNotFoundError(f"RecTok.from_official: no checkpoint at {obj!r}")
-        try:
-            obj = torch.load(obj, map_location="cpu", weights_only=True)
-        except Exception:  # official checkpoints also pickle the argparse namespace
-            logger.warning(
-                "RecTok.from_official: %s needs a full unpickle (weights_only=False); only load trusted files", obj
-            )
-            obj = torch.load(obj, map_location="cpu", weights_only=False)
-    if not isinstance(obj, dict):
-        raise TypeError(
-            f"RecTok.from_official: expected a path, a checkpoint dict or a state dict, got {type(obj).__name__}"
-        )
-    if use_ema and isinstance(obj.get("model_ema"), dict):
-        sd = obj["model_ema"]
-    elif isinstance(obj.get("model"), dict):
-        sd = obj["model"]
-    elif isinstance(obj.get("state_dict"), dict):
-        sd = obj["state_dict"]
-    else:
-        sd = obj
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        if k.startswith("sem_foundation_models.") or not isinstance(v, torch.Tensor):
-            continue
-        out[k] = v
-    return out
 
 
 def rectok(size: str = "base", **kwargs: Any) -> RecTok:

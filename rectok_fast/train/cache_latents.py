@@ -19,9 +19,9 @@ import torch.distributed as dist
 from ..config import DataConfig
 from ..data.datasets import build_image_dataset
 from ..data.latents import ShardWriter, write_latent_cache
+from ..models.loading import load_tokenizer
 from ..utils.distributed import barrier, cleanup, init_distributed
 from ..utils.log import setup_logging
-from .builders import load_tokenizer
 from .cli_common import data_overrides
 
 logger = logging.getLogger("rectok_fast.train")

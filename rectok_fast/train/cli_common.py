@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from ..config import RunConfig, load_config, merge, parse_overrides, resolve_config_path
+from ..config import RunConfig, data_overrides, load_config, merge, parse_overrides, resolve_config_path
 
 
 def add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -35,18 +34,6 @@ def add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
         metavar="key=value",
         help="config overrides, e.g. optim.blr=2e-4 data.global_batch_size=64",
     )
-
-
-def data_overrides(spec: str | None) -> dict:
-    if spec is None:
-        return {}
-    if spec == "embedded":
-        return {"data": {"source": "embedded"}}
-    if os.path.isdir(spec):
-        return {"data": {"source": "folder", "path": spec}}
-    if os.path.isfile(spec):
-        return {"data": {"source": "filelist", "path": spec}}
-    raise FileNotFoundError(f"--data {spec!r}: not 'embedded', a directory or a file list")
 
 
 def config_from_args(args: argparse.Namespace, kind: str) -> RunConfig:

@@ -24,9 +24,10 @@ import time
 import torch
 
 from ..config import DataConfig, load_config, resolve_config_path
+from ..models.loading import load_dit, load_tokenizer
+from ..utils import write_json
 from ..utils.images import save_grid
 from ..utils.log import setup_logging
-from .builders import load_tokenizer, write_json
 
 logger = logging.getLogger("rectok_fast.demo")
 
@@ -82,7 +83,6 @@ def run_demo(
 ) -> dict:
     from ..eval.evaluate import reconstruction_metrics
     from ..eval.sample import generate
-    from .builders import load_dit
     from .cache_latents import cache_latents
     from .dit import train_dit
     from .stats import run_stats

@@ -21,10 +21,10 @@ import torch
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
 from ..data.latents import LatentCacheDataset
+from ..models.loading import build_ditdh, load_dit, load_tokenizer
 from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
 from ..utils.ema import EMA, _unwrap
 from ..utils.images import save_grid
-from .builders import build_ditdh, load_tokenizer
 from .cli_common import run_training_cli
 from .common import Trainer
 
@@ -62,8 +62,6 @@ class DiTTrainer(Trainer):
         self.num_classes = mc.num_classes
         model = build_ditdh(mc, self.channels, self.grid, self.num_classes).to(self.device)
         if mc.init:
-            from .builders import load_dit
-
             model.load_state_dict(load_dit(mc.init).state_dict())
         self.raw_model = model
         self.ema = EMA(model, cfg.optim.ema_decay)

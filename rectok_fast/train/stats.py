@@ -18,9 +18,10 @@ import torch.distributed as dist
 
 from ..config import DataConfig
 from ..data.datasets import build_image_dataset
+from ..models.loading import load_tokenizer
+from ..utils import write_json
 from ..utils.distributed import cleanup, init_distributed
 from ..utils.log import setup_logging
-from .builders import load_tokenizer, write_json
 from .cli_common import data_overrides
 
 logger = logging.getLogger("rectok_fast.train")

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
+from ..models.loading import build_rectok, load_tokenizer
 from ..utils.ema import EMA
 from ..utils.images import save_grid
-from .builders import build_rectok, build_teacher, load_tokenizer
+from .builders import build_teacher
 from .cli_common import run_training_cli
 from .common import Trainer
 from .losses import PatchGANDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
