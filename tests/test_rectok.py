@@ -10,10 +10,13 @@ import pytest
 import torch
 from helpers import reference_file
 
+from rectok_fast import schedules
 from rectok_fast.models import RECTOK_SIZES, RecTok, TinyTeacher
-from rectok_fast.models.rectok import RecTokConfig
+from rectok_fast.models.rectok import NOISE_SCHEDULES, SEM_TARGETS, Mask, RecTokConfig
+from rectok_fast.nn import CosineAlignLoss, FlowNoiser
+from rectok_fast.nn.fused import SEMANTIC_TARGETS
 from rectok_fast.ops.posterior_flow import posterior_flow
-from rectok_fast.reference.posterior_flow import shift_time
+from rectok_fast.schedules import shift_time
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -289,6 +292,94 @@ def test_training_forward_matches_pieces():
     (out.reconstruction.square().mean() + out.kl * 1e-6 + out.sem_loss).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_sample_mask_generator_rows_and_rng_state():
+    """The trainer's mask plan: ``sample_mask(generator=)`` is ``argsort(rand(B, N))`` from that
+    generator; ``Mask.rows`` slices a micro-batch and keeps ``ids_keep``'s dim 1 dynamic; the mask-ratio
+    RNG state is public and round-trips."""
+    m = _small()
+    N = m.config.num_tokens
+    mask = m.sample_mask(4, num_kept=9, generator=torch.Generator().manual_seed(7))
+    shuffle = torch.argsort(torch.rand(4, N, generator=torch.Generator().manual_seed(7)), dim=1)
+    assert torch.equal(mask.ids_keep, shuffle[:, :9]) and torch.equal(mask.ids_restore, torch.argsort(shuffle, dim=1))
+    assert 1 in getattr(mask.ids_keep, "_dynamo_weak_dynamic_indices", set())
+    part = mask.rows(1, 3)
+    assert torch.equal(part.ids_keep, mask.ids_keep[1:3]) and torch.equal(part.ids_restore, mask.ids_restore[1:3])
+    assert 1 in getattr(part.ids_keep, "_dynamo_weak_dynamic_indices", set())
+    assert Mask(None, None).rows(0, 2) == Mask(None, None)
+    m.seed_masking(3)
+    state = m.mask_rng_state
+    ks = [m.draw_num_kept() for _ in range(20)]
+    m.mask_rng_state = state
+    assert [m.draw_num_kept() for _ in range(20)] == ks
+    other = _small()
+    other.mask_rng_state = state
+    assert [other.draw_num_kept() for _ in range(20)] == ks
+
+
+def test_training_forward_runs_through_flow_noiser_and_cosine_align_loss():
+    """One owner per chore: the forward's noise and semantic loss are nn.FlowNoiser and
+    nn.CosineAlignLoss (one tuple of names, one schedule list)."""
+    assert SEM_TARGETS is SEMANTIC_TARGETS and NOISE_SCHEDULES is schedules.TOKENIZER_SCHEDULES
+    torch.manual_seed(8)
+    m = _small().train()
+    assert isinstance(m.noiser, FlowNoiser) and isinstance(m.sem_criterion, CosineAlignLoss)
+    assert m.noiser.shift == m.timestep_shift == schedules.default_shift(m.grid, m.token_channels)
+    assert not list(m.noiser.parameters()) and not list(m.sem_criterion.parameters())
+    calls = []
+    m.noiser.register_forward_hook(lambda mod, args, kw, out: calls.append(("noiser", kw)), with_kwargs=True)
+    m.sem_criterion.register_forward_hook(lambda mod, args, out: calls.append(("sem", args)))
+    B, N = 2, 16
+    x = torch.rand(B, 3, 64, 64) * 2 - 1
+    feats = {"tiny": torch.randn(B, N, 16)}
+    mask = m.sample_mask(B, num_kept=10)
+    out = m(x, mask=mask, seed=1234, flow_backend="reference", teacher_features=feats)
+    assert [c[0] for c in calls] == ["noiser", "sem"]
+    assert calls[0][1] == {"noise": None, "seed": 1234, "sample_offset": 0, "backend": "reference"}
+    # the same draw of t and of the seeded noise as the module called directly
+    torch.manual_seed(9)
+    out = m(x, mask=mask, seed=1234, flow_backend="reference", teacher_features=feats)
+    torch.manual_seed(9)
+    t = schedules.sample_time(B, "shift", shift=m.timestep_shift)
+    direct = m.noiser(m.encode(x, mask.ids_keep), t, seed=1234, backend="reference")
+    torch.testing.assert_close(out.t, direct.t)
+    torch.testing.assert_close(out.z_t, direct.z_t)
+    torch.testing.assert_close(out.kl, direct.kl.mean())
+    torch.testing.assert_close(out.sem_loss, m.sem_criterion(out.sem_pred["tiny"], feats["tiny"], out.token_mask))
+
+
+def test_flow_noiser_noise_seed_and_sample_offset():
+    """FlowNoiser(noise=) is the reference given that noise; (seed=, sample_offset=) on the Triton path
+    gives a slice of a global batch the rows of the whole batch (the trainers' kernel-noise mode)."""
+    B, N, C = 4, 9, 6
+    moments, t = torch.randn(B, N, 2 * C), torch.rand(B)
+    e1, e2 = torch.randn(B, N, C), torch.randn(B, N, C)
+    noiser = FlowNoiser(gamma=1.0, shift=2.0).train()
+    out = noiser(moments, t, noise=(e1, e2))
+    ref = posterior_flow(moments, t, 1.0, noise=(e1, e2), backend="reference")
+    torch.testing.assert_close(out.z, ref[0])
+    torch.testing.assert_close(out.z_t, ref[1])
+    full = noiser(moments, t, seed=77, backend="triton")
+    part = noiser(moments[2:], t[2:], seed=77, sample_offset=2, backend="triton")
+    assert torch.equal(part.z_t, full.z_t[2:]) and torch.equal(part.z, full.z[2:])
+    with pytest.raises(ValueError, match="sample_offset"):
+        noiser(moments, t, noise=(e1, e2), sample_offset=1)
+
+
+def test_gamma_zero_still_samples_the_posterior():
+    """Stage 2 (γ = 0): no flow noise, but ``z = mean + std·eps_post`` is a posterior sample."""
+    torch.manual_seed(6)
+    m = _small(gamma=0.0, mask_ratio=0.0, mask_ratio_min=0.0).train()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    e1, e2 = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    out = m(x, mask=Mask(None, None), noise=(e1, e2))
+    moments = m.encode(x)
+    mean, logvar = moments[..., :8], moments[..., 8:].clamp(-30, 20)
+    torch.testing.assert_close(out.z, mean + torch.exp(0.5 * logvar) * e1)
+    assert not torch.allclose(out.z, mean)
+    torch.testing.assert_close(out.z_t, out.z)
+    assert out.t is None
 
 
 @pytest.mark.parametrize("target", ["reconstruction", "align"])

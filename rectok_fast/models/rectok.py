@@ -5,14 +5,16 @@ Module and parameter names follow the released checkpoints (``encoder.*``, ``dec
 ``load_state_dict``.  Hot paths go through :mod:`rectok_fast.ops`: the visible-only patch embedding
 (``patchify(images, p, ids_keep)`` then a Linear with the Conv2d weight reshaped), the gather of
 position embeddings and RoPE rows (``ops.gather_tokens``), the mask-token insertion
-(``ops.restore_tokens``), the posterior + flow interpolation + KL (``ops.posterior_flow``), the flow
-time (``ops.sample_time``), the pixel head's unpatchify (``ops.unpatchify``) and the semantic loss
-(``ops.cosine_align_loss``).
+(``ops.restore_tokens``), the pixel head's unpatchify (``ops.unpatchify``); the flow time, posterior
+sample, flow interpolation and KL go through :class:`rectok_fast.nn.FlowNoiser` (``ops.posterior_flow``,
+times from :mod:`rectok_fast.schedules`, t = 1 is noise) and the semantic loss through
+:class:`rectok_fast.nn.CosineAlignLoss` (``ops.cosine_align_loss``).
 
 Masking (training) draws the ratio ``r`` and the kept count ``K`` on the host
-(:meth:`RecTok.sample_mask`), the permutation on the device; no host-device sync.  Under
+(:meth:`RecTok.sample_mask`, from the host RNG whose state is :attr:`RecTok.mask_rng_state`), the
+permutation on the device (optionally from a ``torch.Generator``); no host-device sync.  Under
 ``torch.compile`` pass the mask in (``model(images, mask=model.sample_mask(B, device))``): the kept
-dim of ``ids_keep`` is marked dynamic, so changing mask ratios never recompile.
+dim of ``ids_keep`` is marked dynamic (also by :meth:`Mask.rows`), so changing mask ratios never recompile.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn.fused import SEMANTIC_TARGETS, CosineAlignLoss, FlowNoiser
 from ..nn.layers import Block, RMSNorm
 from ..nn.rope import rectok_rope_table
 
 # explicit submodule imports: ``ops.<name>`` is shadowed by the submodule of the same name once
 # that submodule is imported (the package's lazy ``__getattr__`` is then bypassed)
-from ..ops.cosine_align import cosine_align_loss
 from ..ops.patchify import patchify, unpatchify
-from ..ops.posterior_flow import posterior_flow, sample_time
+from ..ops.posterior_flow import posterior_flow
 from ..ops.tokens import gather_tokens, restore_tokens
+from ..schedules import TOKENIZER_SCHEDULES, default_shift
 
 logger = logging.getLogger("rectok_fast")
 
@@ -53,8 +56,8 @@ RECTOK_SIZES: dict[str, tuple[int, int, int]] = {
 }
 _HEADS_BY_WIDTH = {192: 4, 512: 8, 768: 12, 1024: 16, 1152: 16, 1280: 16}
 
-NOISE_SCHEDULES = ("shift", "lognorm", "uniform")
-SEM_TARGETS = ("rec+align", "reconstruction", "align")
+NOISE_SCHEDULES = TOKENIZER_SCHEDULES  # defined once, in rectok_fast.schedules
+SEM_TARGETS = SEMANTIC_TARGETS  # defined once, in rectok_fast.nn.fused
 SEM_INPUTS = ("noisy", "clean")
 SEM_LOSSES = ("cosine", "l1", "l2")
 
@@ -123,8 +126,17 @@ class Mask(NamedTuple):
     """A masking plan: ``ids_keep`` (B, K) visible token indices, ``ids_restore`` (B, N) the inverse
     permutation (token i of the image takes element ``ids_restore[:, i]`` of [visible, mask tokens])."""
 
-    ids_keep: torch.Tensor
-    ids_restore: torch.Tensor
+    ids_keep: torch.Tensor | None
+    ids_restore: torch.Tensor | None
+
+    def rows(self, start: int, stop: int) -> Mask:
+        """The plan of samples ``start:stop`` (a micro-batch of a global batch's plan), with the kept
+        dim of ``ids_keep`` marked dynamic again (a slice does not inherit the mark)."""
+        if self.ids_keep is None:
+            return self
+        ids_keep = self.ids_keep[start:stop]
+        torch._dynamo.maybe_mark_dynamic(ids_keep, 1)
+        return Mask(ids_keep, self.ids_restore[start:stop])
 
 
 @dataclass
@@ -287,6 +299,9 @@ class RecTok(nn.Module):
         self.register_buffer("latent_std", torch.ones(C))
         self.teachers: dict[str, nn.Module] = {}  # frozen feature extractors, not part of the state dict
         self._mask_rng = random.Random()
+        # the training forward's two chores, owned by the nn modules (no parameters, no state dict entries)
+        self.noiser = FlowNoiser(gamma=config.gamma, schedule=config.noise_schedule, shift=self.timestep_shift)
+        self.sem_criterion = CosineAlignLoss(config.sem_target)
 
     # ---------------------------------------------------------------- properties
 
@@ -300,8 +315,8 @@ class RecTok(nn.Module):
 
     @property
     def timestep_shift(self) -> float:
-        """``sqrt(g·g·C/4096)``, the shift of the ``shift`` noise schedule."""
-        return math.sqrt(self.grid * self.grid * self.token_channels / 4096)
+        """``sqrt(g·g·C/4096)`` (:func:`rectok_fast.schedules.default_shift`), the shift of the ``shift`` noise schedule."""
+        return default_shift(self.grid, self.token_channels)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -312,6 +327,16 @@ class RecTok(nn.Module):
     def seed_masking(self, seed: int) -> None:
         """Seed the host RNG that draws the mask ratio (the permutation uses torch's RNG)."""
         self._mask_rng.seed(seed)
+
+    @property
+    def mask_rng_state(self) -> tuple:
+        """The state of the host RNG that draws the mask ratio (``random.Random.getstate()``); assign
+        a saved state to resume the same sequence of ratios (checkpoints store it)."""
+        return self._mask_rng.getstate()
+
+    @mask_rng_state.setter
+    def mask_rng_state(self, state: tuple) -> None:
+        self._mask_rng.setstate(state)
 
     def draw_num_kept(self) -> int:
         """``K = ceil(N·(1 − r))`` with ``r = max(0, U(mask_ratio_min, mask_ratio))`` (host only)."""
@@ -325,17 +350,19 @@ class RecTok(nn.Module):
         device: torch.device | str | None = None,
         num_kept: int | None = None,
         *,
+        generator: torch.Generator | None = None,
         mark_dynamic: bool = True,
     ) -> Mask:
         """A random masking plan: one K for the batch (``num_kept`` or :meth:`draw_num_kept`), one
-        permutation per sample (``argsort(rand(B, N))``).  The kept dim is marked dynamic for
-        ``torch.compile`` so that a new K does not recompile."""
+        permutation per sample (``argsort(rand(B, N))``, drawn from ``generator`` when given, on
+        ``device``).  The kept dim is marked dynamic for ``torch.compile`` so that a new K does not
+        recompile; :meth:`Mask.rows` keeps the mark on a micro-batch's slice."""
         N = self.config.num_tokens
         K = self.draw_num_kept() if num_kept is None else int(num_kept)
         if not 1 <= K <= N:
             raise ValueError(f"RecTok.sample_mask: num_kept must be in [1, {N}], got {K}")
         device = self.latent_mean.device if device is None else device
-        ids_shuffle = torch.argsort(torch.rand(batch, N, device=device), dim=1)
+        ids_shuffle = torch.argsort(torch.rand(batch, N, device=device, generator=generator), dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :K].contiguous()
         if mark_dynamic:
@@ -441,18 +468,11 @@ class RecTok(nn.Module):
     # ---------------------------------------------------------------- training forward
 
     def _sem_loss(self, pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """``sem_loss`` over the tokens ``sem_target`` selects (:meth:`CosineAlignLoss.select`)."""
         c = self.config
-        sel = None
-        if c.sem_target == "reconstruction":
-            sel = (
-                token_mask
-                if token_mask is not None
-                else torch.zeros(pred.shape[:2], dtype=torch.bool, device=pred.device)
-            )
-        elif c.sem_target == "align" and token_mask is not None:
-            sel = ~token_mask
         if c.sem_loss == "cosine":
-            return cosine_align_loss(pred, target, mask=sel)
+            return self.sem_criterion(pred, target, token_mask)
+        sel = self.sem_criterion.select(pred, token_mask)
         target = target.detach().float()
         err = (pred.float() - target).abs() if c.sem_loss == "l1" else (pred.float() - target).pow(2)
         per_token = err.mean(-1)
@@ -480,9 +500,11 @@ class RecTok(nn.Module):
             mask: a :class:`Mask` (``ids_keep`` (B, K), ``ids_restore`` (B, N)); drawn with
                 :meth:`sample_mask` when None (eager only: under ``torch.compile`` pass it in).
                 ``Mask(None, None)`` disables masking.
-            t: (B,) flow times; drawn from the noise schedule when None.
-            noise: ``(eps_post, eps_flow)`` each (B, K, C); drawn on the device when None (under
-                ``torch.compile`` mark their dim 1 dynamic like ``ids_keep``, or K specialises).
+            t: (B,) flow times (t = 1 is noise); drawn from the noise schedule by :attr:`noiser`
+                (:meth:`rectok_fast.nn.FlowNoiser.draw_time`) when None, zeros when γ = 0.
+            noise: ``(eps_post, eps_flow)`` each (B, K, C); in-kernel noise from a fresh device seed
+                when None (under ``torch.compile`` mark their dim 1 dynamic like ``ids_keep``, or K
+                specialises).  The posterior is always sampled (``z = mean + std·eps_post``, also at γ = 0).
             seed, sample_offset: instead of ``noise``, the seed of the in-kernel Philox noise and the
                 global index of this batch's first sample (see :func:`rectok_fast.ops.posterior_flow`:
                 a rank's slice of a global batch then draws the whole batch's numbers).
@@ -507,21 +529,9 @@ class RecTok(nn.Module):
         ids_keep, ids_restore = (None, None) if mask is None else mask
         moments = self.encode(images, ids_keep)
         flow = c.gamma > 0
-        if t is None:
-            if flow:
-                t = sample_time(B, c.noise_schedule, shift=self.timestep_shift, device=images.device)
-            else:
-                t = torch.zeros(B, device=images.device)
-        z, z_t, kl = posterior_flow(
-            moments,
-            t,
-            c.gamma,
-            noise=noise,
-            seed=seed,
-            sample_offset=sample_offset,
-            sample_posterior=True,
-            backend=flow_backend,
-        )
+        if t is None and not flow:
+            t = torch.zeros(B, device=images.device)
+        z, z_t, t, kl = self.noiser(moments, t, noise=noise, seed=seed, sample_offset=sample_offset, backend=flow_backend)
         token_mask = None
         if ids_restore is not None:
             token_mask = ids_restore >= ids_keep.shape[1]

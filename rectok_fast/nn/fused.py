@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..schedules import TOKENIZER_SCHEDULES, sample_time
 
-_SEMANTIC_TARGETS = ("rec+align", "reconstruction", "align")
+SEMANTIC_TARGETS = ("rec+align", "reconstruction", "align")  # which tokens the semantic loss scores
 
 
 class FlowNoiserOutput(NamedTuple):
@@ -24,13 +25,14 @@ class FlowNoiserOutput(NamedTuple):
 
 
 class FlowNoiser(nn.Module):
-    """Posterior sampling + forward-flow interpolation + KL in one fused pass (RecTok §2).
+    """Posterior sampling + forward-flow interpolation + KL in one fused pass (RecTok §2; t = 1 is noise).
 
     ``forward(moments, t=None)`` takes the encoder's (B, N, 2C) output (mean ‖ logvar); when ``t``
-    is None it draws one time per sample from ``schedule`` (``"shift"`` uses s = sqrt(g²·C/4096)
-    with g² = N unless ``shift`` is given).  In training the noise is generated in-kernel from a
-    seed drawn on the device, so no B·N·C noise tensor is stored for backward.  In eval mode the
-    posterior mean is used and no flow noise is added unless ``noise_in_eval``.
+    is None it draws one time per sample with :meth:`draw_time` (``schedule``; ``"shift"`` uses
+    ``shift`` or s = sqrt(g²·C/4096) with g² = N).  The noise is generated in-kernel from a seed
+    (drawn on the device unless given), so no B·N·C noise tensor is stored for backward; or pass it
+    as ``noise``.  In eval mode the posterior mean is used and no flow noise is added unless
+    ``noise_in_eval``.  RecTok's training forward runs through this module.
 
     Example (VA-VAE / l-DeTok style encoder head)::
 
@@ -48,29 +50,63 @@ class FlowNoiser(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if schedule not in ("uniform", "lognorm", "shift"):
-            raise ValueError(f"FlowNoiser: `schedule` must be 'uniform', 'lognorm' or 'shift', got {schedule!r}")
+        if schedule not in TOKENIZER_SCHEDULES:
+            raise ValueError(f"FlowNoiser: `schedule` must be one of {TOKENIZER_SCHEDULES}, got {schedule!r}")
         self.gamma, self.schedule, self.shift = gamma, schedule, shift
         self.sample_posterior, self.noise_in_eval, self.backend = sample_posterior, noise_in_eval, backend
 
-    def forward(self, moments: torch.Tensor, t: torch.Tensor | None = None) -> FlowNoiserOutput:
+    def draw_time(
+        self,
+        batch: int,
+        *,
+        grid: int | None = None,
+        channels: int | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(batch,) fp32 flow times of this module's schedule (:func:`rectok_fast.schedules.sample_time`);
+        ``grid``/``channels`` give the default shift when ``shift`` is None."""
+        return sample_time(
+            batch, self.schedule, shift=self.shift, grid=grid, channels=channels, device=device, generator=generator
+        )
+
+    def forward(
+        self,
+        moments: torch.Tensor,
+        t: torch.Tensor | None = None,
+        *,
+        noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seed: int | torch.Tensor | None = None,
+        sample_offset: int = 0,
+        backend: str | None = None,
+    ) -> FlowNoiserOutput:
+        """moments (B, N, 2C) -> :class:`FlowNoiserOutput`.
+
+        Args:
+            t: (B,) flow times; None draws them (training / ``noise_in_eval``) or uses 0 (eval).
+            noise: explicit ``(eps_post, eps_flow)``, each (B, N, C), instead of in-kernel noise.
+            seed: the in-kernel Philox seed (int or 1-element int64 tensor); with neither ``noise``
+                nor ``seed`` a fresh one is drawn on the device (:func:`rectok_fast.ops.posterior_flow`).
+            sample_offset: global index of this batch's first sample (a rank's slice of a global batch
+                then draws that batch's numbers; seeded Triton path only).
+            backend: overrides the module's ``backend`` for this call.
+        """
         B, N, C2 = moments.shape
         noisy = self.training or self.noise_in_eval
         if t is None:
             if noisy:
-                t = ops.sample_time(
-                    B, self.schedule, shift=self.shift, grid=int(round(N**0.5)), channels=C2 // 2, device=moments.device
-                )
+                t = self.draw_time(B, grid=int(round(N**0.5)), channels=C2 // 2, device=moments.device)
             else:
                 t = torch.zeros(B, device=moments.device)
-        seed = torch.randint(0, 2**62, (1,), device=moments.device)
         z, z_t, kl = ops.posterior_flow(
             moments,
             t,
             self.gamma if noisy else 0.0,
+            noise=noise,
             seed=seed,
+            sample_offset=sample_offset,
             sample_posterior=self.sample_posterior and self.training,
-            backend=self.backend,
+            backend=self.backend if backend is None else backend,
         )
         return FlowNoiserOutput(z, z_t, t, kl)
 
@@ -82,9 +118,10 @@ class CosineAlignLoss(nn.Module):
     """Semantic alignment / masked-feature reconstruction loss: mean of ``relu(1 − cos − margin)``.
 
     ``forward(pred, target, token_mask=None)``: pred, target (B, N, D); ``token_mask`` (B, N) bool,
-    True where the token was *masked* in the encoder.  ``target`` selects the tokens:
-    ``"rec+align"`` all, ``"reconstruction"`` masked only (0 when none is), ``"align"`` visible only.
-    The teacher features get no gradient.
+    True where the token was *masked* in the encoder.  ``target`` selects the tokens
+    (:meth:`select`): ``"rec+align"`` all, ``"reconstruction"`` masked only (0 when none is),
+    ``"align"`` visible only.  The teacher features get no gradient.  RecTok's semantic loss runs
+    through this module.
 
     Example::
 
@@ -94,17 +131,22 @@ class CosineAlignLoss(nn.Module):
 
     def __init__(self, target: str = "rec+align", margin: float = 0.0, backend: str = "auto"):
         super().__init__()
-        if target not in _SEMANTIC_TARGETS:
-            raise ValueError(f"CosineAlignLoss: `target` must be one of {_SEMANTIC_TARGETS}, got {target!r}")
+        if target not in SEMANTIC_TARGETS:
+            raise ValueError(f"CosineAlignLoss: `target` must be one of {SEMANTIC_TARGETS}, got {target!r}")
         self.target, self.margin, self.backend = target, margin, backend
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        select = None
+    def select(self, pred: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The (B, N) bool tokens that ``target`` scores for ``pred`` (B, N, D), or None for all."""
         if self.target == "reconstruction":
-            select = token_mask if token_mask is not None else torch.zeros(pred.shape[:-1], dtype=torch.bool, device=pred.device)
-        elif self.target == "align" and token_mask is not None:
-            select = ~token_mask.bool()
-        return ops.cosine_align_loss(pred, target, select, self.margin, backend=self.backend)
+            if token_mask is None:
+                return torch.zeros(pred.shape[:-1], dtype=torch.bool, device=pred.device)
+            return token_mask
+        if self.target == "align" and token_mask is not None:
+            return ~token_mask.bool()
+        return None
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.cosine_align_loss(pred, target, self.select(pred, token_mask), self.margin, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"target={self.target!r}, margin={self.margin}, backend={self.backend!r}"
