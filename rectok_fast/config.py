@@ -103,7 +103,7 @@ class LossConfig:
     convnext_path: str | None = None
     kl: float = 1e-6
     semantic: float = 1.0
-    gan: float = 0.5
+    gan: float = 0.1  # SPEC §3: the released checkpoints' weight
     gan_start_epoch: float = 100
     disc_lr_mult: float = 1.0
     disc_channels: int = 64

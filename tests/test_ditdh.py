@@ -15,6 +15,7 @@ from rectok_fast.models.ditdh import (
     TimestepEmbedder,
     drop_labels,
     infer_ditdh_config,
+    label_drop_mask,
     sincos_pos_embed,
     training_loss,
     training_time,
@@ -273,6 +274,9 @@ def test_training_time_schedule():
     # t = 1 - s·u/(1+(s-1)u): median at u = 1/2.
     assert t.median().item() == pytest.approx(1 - s * 0.5 / (1 + (s - 1) * 0.5), abs=0.02)
     assert training_time(20000, 0.5).mean().item() == pytest.approx(0.5, abs=0.02)  # no shift for s <= 1
+    # SPEC §4: when s <= 1 the time is u itself (not 1 - u)
+    u = torch.rand(64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(training_time(64, 0.5, generator=torch.Generator().manual_seed(4)), u)
 
 
 def test_drop_labels():
@@ -283,6 +287,72 @@ def test_drop_labels():
     frac = (d == 7).float().mean().item()
     assert 0.06 < frac < 0.14
     assert torch.equal(d[d != 7], y[d != 7])
+
+
+def test_label_drop_mask_and_explicit_mask():
+    g = torch.Generator().manual_seed(2)
+    mask = label_drop_mask(8, 0.5, generator=g)
+    assert mask.dtype == torch.bool and torch.equal(mask, torch.rand(8, generator=torch.Generator().manual_seed(2)) < 0.5)
+    assert not label_drop_mask(8, 0.0).any()  # still one draw per sample, none dropped
+    y = torch.arange(8) % 3
+    assert torch.equal(drop_labels(y, 3, mask=mask), torch.where(mask, 3, y))
+    assert torch.equal(drop_labels(y, 3, 0.0, mask=mask), torch.where(mask, 3, y))  # the mask wins over p
+
+
+def test_training_loss_default_time_is_training_time():
+    """``t`` defaults to schedules.training_time(B, model.default_shift): t = u for this s < 1 model."""
+    m = tiny()
+    assert m.default_shift < 1
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    x1, x0, y = torch.randn(6, 8, 4, 4), torch.randn(6, 8, 4, 4), torch.zeros(6, dtype=torch.long)
+    torch.manual_seed(11)
+    training_loss(m, x1, y, noise=x0, label_drop=0.0)
+    torch.manual_seed(11)
+    assert torch.equal(seen[0], torch.rand(6))
+
+
+def test_training_loss_drop_mask_offset_and_autocast():
+    """The trainer's inputs: an explicit drop mask, ``sample_offset`` with a seed, the model call
+    (only) under the given context."""
+    from rectok_fast.ops import flow_matching_noise
+
+    torch.manual_seed(3)
+    m = tiny()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    B = 6
+    x1, y, t = torch.randn(B, 8, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0]), torch.rand(B)
+    drop = torch.tensor([True, False, True, False, False, True])
+    seen = []
+    m.y_embedder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    x0 = torch.randn(B, 8, 4, 4)
+    a = training_loss(m, x1, y, t=t, noise=x0, drop_mask=drop, label_drop=0.0)
+    assert torch.equal(seen[-1], torch.where(drop, 5, y))
+    yy = torch.where(drop, 5, y)
+    tt = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(a, (m(tt * x1 + (1 - tt) * x0, t, yy) - (x1 - x0)).pow(2).mean())
+    # rows 2: of a global batch with seed 9: the x0 of global rows 2: (Triton path; interpreter on CPU)
+    x0_full = flow_matching_noise(9, (B, 8, 4, 4), "cpu")
+    part = training_loss(m, x1[2:], y[2:], t=t[2:], seed=9, sample_offset=2, drop_mask=drop[2:], backend="triton")
+    ref = training_loss(m, x1[2:], y[2:], t=t[2:], noise=x0_full[2:], drop_mask=drop[2:], backend="reference")
+    torch.testing.assert_close(part, ref, rtol=1e-5, atol=1e-6)
+
+    class Ctx:
+        inside = False
+
+        def __enter__(self):
+            Ctx.inside = True
+
+        def __exit__(self, *exc):
+            Ctx.inside = False
+
+    flags = []
+    m.register_forward_pre_hook(lambda mod, args: flags.append(Ctx.inside))
+    m.y_embedder.register_forward_hook(lambda mod, inp, out: flags.append(Ctx.inside))
+    b = training_loss(m, x1, y, t=t, noise=x0, drop_mask=drop, autocast=Ctx())
+    assert flags == [True, True] and not Ctx.inside
+    torch.testing.assert_close(a, b)
 
 
 def test_training_loss_matches_manual():

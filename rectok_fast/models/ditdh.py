@@ -6,15 +6,18 @@ width ``hidden_size[1]``; ``enc_feat_rope`` / ``dec_feat_rope`` are the stored E
 :meth:`DiTDH.from_official` loads a released ``.pth`` unchanged and infers the whole configuration
 from the tensor shapes.
 
-Time convention: ``t = 1`` is the data end, ``t = 0`` pure noise; ``forward(x, t, y)`` returns the
-velocity ``dx/dt`` (the flow-matching target ``x1 - x0``).
+Time convention: ``t = 1`` is the data end, ``t = 0`` pure noise (the tokenizer's is the opposite;
+:mod:`rectok_fast.schedules` sets the two side by side); ``forward(x, t, y)`` returns the velocity
+``dx/dt`` (the flow-matching target ``x1 - x0``).
 
-:func:`training_loss` is the flow-matching training objective (shifted time sampling, label
-drop-out to the null class, fused ``x_t`` and loss from :mod:`rectok_fast.ops`).
+:func:`training_loss` is the flow-matching training objective (shifted time sampling with
+:func:`~rectok_fast.schedules.training_time`, label drop-out to the null class with
+:func:`drop_labels`, fused ``x_t`` and loss from :mod:`rectok_fast.ops`); the DiT trainer calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,6 +33,9 @@ import torch.nn.functional as F
 from rectok_fast._validate import check_tensor
 from rectok_fast.nn.layers import Attention, RMSNorm, SwiGLU, swiglu_hidden
 from rectok_fast.nn.rope import eva_rope_table
+from rectok_fast.ops.flow_matching import flow_matching_loss, flow_matching_xt
+from rectok_fast.schedules import default_shift as _default_shift
+from rectok_fast.schedules import training_time  # re-exported: part of the training objective below
 
 __all__ = [
     "DITDH_SIZES",
@@ -41,6 +47,7 @@ __all__ = [
     "LabelEmbedder",
     "TimestepEmbedder",
     "infer_ditdh_config",
+    "label_drop_mask",
     "sincos_pos_embed",
     "training_loss",
 ]
@@ -351,8 +358,9 @@ class DiTDH(nn.Module):
 
     @property
     def default_shift(self) -> float:
-        """Resolution-dependent time shift ``sqrt(g·g·C / 4096)`` (√8 for 16×16×128, √2 for 8×8×128)."""
-        return math.sqrt(self.config.input_size**2 * self.config.in_channels / 4096)
+        """Resolution-dependent time shift ``sqrt(g·g·C / 4096)`` (√8 for 16×16×128, √2 for 8×8×128;
+        :func:`rectok_fast.schedules.default_shift`)."""
+        return _default_shift(self.config.input_size, self.config.in_channels)
 
     @property
     def null_class(self) -> int:
@@ -560,22 +568,34 @@ def infer_ditdh_config(sd: Mapping[str, torch.Tensor], **overrides) -> DiTDHConf
 # ----------------------------------------------------------------------------- training objective
 
 
-def training_time(batch: int, shift: float, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """SPEC §4 training times (B,) fp32: ``t = 1 - s·u / (1 + (s - 1)·u)``, ``u ~ U(0, 1)`` (no shift when s ≤ 1)."""
-    u = torch.rand(batch, device=device, generator=generator)
-    if shift <= 1.0:
-        return 1 - u
-    return 1 - shift * u / (1 + (shift - 1) * u)
+def label_drop_mask(
+    batch: int | tuple[int, ...],
+    p: float,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B,) bool, True with probability ``p``: which labels classifier-free training replaces by the
+    null class.  Always one ``U(0, 1)`` draw per sample (also for ``p = 0``), so a trainer's random
+    stream does not depend on ``p``."""
+    return torch.rand(batch, device=device, generator=generator) < p
 
 
 def drop_labels(
-    y: torch.Tensor, num_classes: int, p: float, *, generator: torch.Generator | None = None
+    y: torch.Tensor,
+    num_classes: int,
+    p: float = 0.0,
+    *,
+    mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Replace each label by the null class ``num_classes`` with probability ``p`` (classifier-free training)."""
-    if p <= 0:
-        return y
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
-    return torch.where(drop, torch.full_like(y, num_classes), y)
+    """Replace labels y (B,) by the null class ``num_classes`` where ``mask`` (B,) bool is True, or,
+    without ``mask``, each with probability ``p`` (:func:`label_drop_mask`; nothing is drawn for ``p <= 0``)."""
+    if mask is None:
+        if p <= 0:
+            return y
+        mask = label_drop_mask(y.shape, p, device=y.device, generator=generator)
+    return torch.where(mask, torch.full_like(y, num_classes), y)
 
 
 def training_loss(
@@ -585,10 +605,13 @@ def training_loss(
     *,
     seed: int | torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    sample_offset: int = 0,
     label_drop: float = 0.1,
+    drop_mask: torch.Tensor | None = None,
     shift: float | None = None,
     t: torch.Tensor | None = None,
     backend: str = "auto",
+    autocast: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
     """One flow-matching training loss (SPEC §4), a 0-dim fp32 tensor.
 
@@ -602,17 +625,24 @@ def training_loss(
             is drawn on the device with ``torch.randint``; on the reference path x0 is drawn with
             ``torch.randn_like`` (both from torch's default generator, no host sync, compile-friendly).
         noise: explicit x0 (B, C, g, g) instead of ``seed``.
-        label_drop: probability of replacing a label by the null class ``num_classes``.
-        shift: time shift s (None: ``model.default_shift``); ``t = 1 - s·u/(1 + (s-1)·u)``, u ~ U(0, 1).
+        sample_offset: global index of this batch's first sample: with ``seed`` on the Triton path,
+            sample ``b`` gets the x0 of global sample ``b + sample_offset`` (a rank's slice of a global
+            batch then draws that batch's numbers; see :func:`rectok_fast.ops.flow_matching_xt`).
+        label_drop: probability of replacing a label by the null class ``num_classes`` (ignored
+            with ``drop_mask``).
+        drop_mask: explicit (B,) bool label drop-out (True: the null class), e.g. a slice of
+            :func:`label_drop_mask` drawn for a global batch.
+        shift: time shift s (None: ``model.default_shift``) of :func:`~rectok_fast.schedules.training_time`:
+            ``t = 1 - s·u/(1 + (s-1)·u)``, u ~ U(0, 1), and ``t = u`` when s ≤ 1.
         t: explicit times (B,) instead of sampling them.
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` for the fused flow-matching ops.
+        autocast: a context manager entered around the model call only (e.g. ``torch.autocast``); ``x_t``
+            and the loss are computed outside it, the prediction upcast to fp32 first.
 
     Returns ``mean((v(x_t, t, y') - (x1 - x0))²)`` with ``x_t = t·x1 + (1 - t)·x0``.
     Compiles with ``torch.compile(fullgraph=True)`` (except a tensor ``seed`` on the reference path,
     whose ``torch.Generator`` needs the seed on the host).
     """
-    from rectok_fast import ops
-
     if seed is not None and noise is not None:
         raise ValueError("training_loss: pass either `seed` or `noise`, not both")
     B = x1.shape[0]
@@ -625,7 +655,9 @@ def training_loss(
     core = getattr(model, "module", model)  # DDP / FSDP wrappers: attributes live on the wrapped module
     if t is None:
         t = training_time(B, core.default_shift if shift is None else shift, device=x1.device)
-    y = drop_labels(y, core.num_classes, label_drop)
-    x_t = ops.flow_matching_xt(x1, t, seed=seed, noise=noise, backend=backend)
-    pred = model(x_t, t, y)
-    return ops.flow_matching_loss(pred, x1, t, seed=seed, noise=noise, backend=backend)
+    y = drop_labels(y, core.num_classes, label_drop, mask=drop_mask)
+    nz = {"seed": seed, "noise": noise, "sample_offset": sample_offset, "backend": backend}
+    x_t = flow_matching_xt(x1, t, **nz)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        pred = model(x_t, t, y)
+    return flow_matching_loss(pred.float(), x1, t, **nz)

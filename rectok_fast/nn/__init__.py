@@ -1,5 +1,7 @@
 """nn.Modules: transformer blocks (attention backends, RMSNorm, SwiGLU, RoPE) and drop-in fused modules."""
 
+from .adaptive import adaptive_weight
+from .align import DistMatAlignLoss
 from .attention import attention, available_backends, supported_head_dim
 from .fused import CosineAlignLoss, FlowMatchingLoss, FlowNoiser, KLAlignLoss, MaskTokenRestore, TokenGather
 from .layers import Attention, Block, RMSNorm, SwiGLU, gate, modulate, swiglu_hidden
@@ -9,6 +11,7 @@ __all__ = [
     "Attention",
     "Block",
     "CosineAlignLoss",
+    "DistMatAlignLoss",
     "FlowMatchingLoss",
     "FlowNoiser",
     "KLAlignLoss",
@@ -16,6 +19,7 @@ __all__ = [
     "RMSNorm",
     "SwiGLU",
     "TokenGather",
+    "adaptive_weight",
     "apply_rope",
     "attention",
     "available_backends",

@@ -16,20 +16,28 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._backend import record
+from .._backend import record, triton_interpret
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def compile_for_interpreter() -> bool:
+    """True when the Triton kernels are built for the CPU interpreter (``TRITON_INTERPRET=1``),
+    False when they compile for a GPU target.  Launch configs depend on this, never on the
+    tensors' device, so the compile-only report (``python -m benchmarks.kernel_report``) sees the
+    configs a GPU run uses."""
+    return triton_interpret()
+
+
 def row_tile_config(M: int, D: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for row-wise kernels over (M, D) that loop over D.
 
-    BLOCK_D <= 1024, so wider rows loop over D.  On a GPU a tile holds ~4096 elements; under the
-    CPU interpreter, where each program instance costs about the same whatever its size, tiles hold
-    up to 16x more rows.
+    BLOCK_D <= 1024, so wider rows loop over D.  For a GPU target a tile holds ~4096 elements; for
+    the CPU interpreter, where each program instance costs about the same whatever its size, tiles
+    hold up to 16x more rows.  ``device`` is unused: the choice follows :func:`compile_for_interpreter`.
     """
-    interp = device.type == "cpu"
+    interp = compile_for_interpreter()
     block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
     budget = 65536 if interp else 4096
     block_m = max(1, min(budget // block_d, triton.next_power_of_2(max(M, 1))))

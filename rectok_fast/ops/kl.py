@@ -17,6 +17,7 @@ from ..kernels.kl import gaussian_kl_bwd_kernel, gaussian_kl_fwd_kernel, kl_alig
 from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
 from ._common import (
     FLOAT_DTYPES,
+    compile_for_interpreter,
     flatten_rows,
     kernel_backend,
     register_row_loss_autograd,
@@ -31,7 +32,7 @@ from ._common import (
 
 def _split_config(B: int, L: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK, span, n_split, num_warps): each sample's L elements go to n_split programs of span elements."""
-    interp = device.type == "cpu"
+    interp = compile_for_interpreter()  # the compile target decides, not the tensors' device
     block = min(triton.next_power_of_2(max(L, 1)), 4096 if interp else 1024)
     n_chunks = triton.cdiv(L, block)
     n_split = 1 if interp else min(n_chunks, max(1, 1024 // max(B, 1)))

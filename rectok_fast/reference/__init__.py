@@ -7,6 +7,7 @@ fp32 (or keeps fp64) and casts the result back, which is what the tests compare 
 from rectok_fast._moved import moved_names
 
 from .cosine_align import cosine_align_loss
+from .distmat import distmat_align_loss
 from .flow_matching import flow_matching_loss, flow_matching_xt
 from .kl import gaussian_kl, kl_align_loss
 from .patchify import patchify, unpatchify
@@ -15,6 +16,7 @@ from .tokens import gather_tokens, restore_tokens
 
 __all__ = [
     "cosine_align_loss",
+    "distmat_align_loss",
     "flow_matching_loss",
     "flow_matching_xt",
     "gather_tokens",

@@ -21,8 +21,10 @@ import torch
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
 from ..data.latents import LatentCacheDataset
+from ..models.ditdh import label_drop_mask, training_loss
+from ..ops.posterior_flow import posterior_flow
+from ..schedules import training_time
 from ..models.loading import build_ditdh, load_dit, load_tokenizer
-from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
 from ..utils.ema import EMA, _unwrap
 from ..utils.images import save_grid
 from .cli_common import run_training_cli
@@ -143,18 +145,17 @@ class DiTTrainer(Trainer):
         barrier()
 
     def draw_step_randomness(self, G: int) -> dict:
+        """SPEC §4's times (t = 1 data; ``t = u`` when s ≤ 1), x0 (or its seed), the posterior noise
+        and the label drop-out, for the whole global batch."""
         dev, g = self.device, self.rand
         C, gr = self.channels, self.grid
-        u = torch.rand(G, device=dev, generator=g)
-        s = self.shift
-        t = 1 - u if s <= 1.0 else 1 - s * u / (1 + (s - 1) * u)
-        rnd = {"t": t}
+        rnd = {"t": training_time(G, self.shift, device=dev, generator=g)}
         if self.noise_mode == "kernel":
             rnd["seed"] = self.draw_noise_seed()
         else:
             rnd["x0"] = torch.randn(G, C, gr, gr, device=dev, generator=g)
         rnd["eps_post"] = torch.randn(G, gr * gr, C, device=dev, generator=g)
-        rnd["drop"] = torch.rand(G, device=dev, generator=g) < self.cfg.loss.label_dropout
+        rnd["drop"] = label_drop_mask(G, self.cfg.loss.label_dropout, device=dev, generator=g)
         return rnd
 
     @torch.no_grad()
@@ -168,25 +169,26 @@ class DiTTrainer(Trainer):
             with self.autocast():
                 moments = self.tokenizer.encode(x).float()
         C = self.channels
-        mean, logvar = moments[..., :C], moments[..., C:].clamp(LOGVAR_MIN, LOGVAR_MAX)
-        z = mean + torch.exp(0.5 * logvar) * eps
+        t0 = torch.zeros(moments.shape[0], device=moments.device)  # γ = 0, t = 0: z_t = z = mean + std·eps
+        z = posterior_flow(moments, t0, 0.0, noise=(eps, eps))[0]
         z = (z - self.lat_mean) * self.scale / self.lat_std
         return z.transpose(1, 2).reshape(z.shape[0], C, self.grid, self.grid).contiguous(), y
 
     def micro_step(self, batch, rnd: dict, m: int) -> dict:
-        from .. import ops
-
         x1, y = self.latents_from_batch(batch, self.slice_rnd(rnd["eps_post"], m))
-        t = self.slice_rnd(rnd["t"], m)
         if self.noise_mode == "kernel":  # x0 regenerated in-kernel (fwd + bwd of both ops), never stored
             nz = {"seed": rnd["seed"], "sample_offset": self.slice_start(m), "backend": self.noise_backend}
         else:
             nz = {"noise": self.slice_rnd(rnd["x0"], m)}
-        y = torch.where(self.slice_rnd(rnd["drop"], m), torch.full_like(y, self.num_classes), y)
-        x_t = ops.flow_matching_xt(x1, t, **nz)
-        with self.autocast():
-            pred = self.model(x_t, t, y)
-        loss = ops.flow_matching_loss(pred.float(), x1, t, **nz)
+        loss = training_loss(
+            self.model,
+            x1,
+            y,
+            t=self.slice_rnd(rnd["t"], m),
+            drop_mask=self.slice_rnd(rnd["drop"], m),
+            autocast=self.autocast(),
+            **nz,
+        )
         (loss / self.accum).backward()
         return {"loss": loss.detach()}
 

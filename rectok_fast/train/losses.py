@@ -1,5 +1,6 @@
-"""Tokenizer training losses beyond the fused ops: perceptual (LPIPS-VGG + ConvNeXt-S logits) and a
-PatchGAN discriminator with hinge loss (SPEC §3).
+"""Tokenizer training losses (SPEC §3): :class:`TokenizerLoss`, the stage-1/stage-2 composition the
+trainer calls, and its parts beyond the fused ops: perceptual (LPIPS-VGG + ConvNeXt-S logits) and a
+PatchGAN discriminator with hinge loss.
 
 Perceptual weights are never downloaded here: they are read from an explicit path or from the
 torchvision hub cache (``$TORCH_HOME/hub/checkpoints``) and the ``lpips`` package; when absent a
@@ -10,6 +11,7 @@ torchvision hub cache (``$TORCH_HOME/hub/checkpoints``) and the ``lpips`` packag
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +119,11 @@ class LPIPS(nn.Module):
 
 
 class ConvNeXtLogitLoss(nn.Module):
-    """MSE between torchvision ConvNeXt-S ImageNet logits of two [-1, 1] image batches at 224 px -> (B,)."""
+    """MSE between torchvision ConvNeXt-S ImageNet logits of two [-1, 1] image batches -> (B,).
+
+    Each batch is mapped to [0, 1], resized to 224 px with bilinear interpolation and antialias (as
+    the released tokenizers were trained), then ImageNet-normalised.
+    """
 
     def __init__(self, path: str | None = None, pretrained: bool = True):
         super().__init__()
@@ -135,10 +141,11 @@ class ConvNeXtLogitLoss(nn.Module):
         return super().train(False)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() * 0.5 + 0.5 - self.mean) / self.std
+        """[-1, 1] images -> [0, 1] -> 224 px (bilinear, antialias; SPEC §3) -> ImageNet-normalised -> logits."""
+        x = x.float() * 0.5 + 0.5
         if x.shape[-1] != 224 or x.shape[-2] != 224:
-            x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
-        return self.net(x)
+            x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        return self.net((x - self.mean) / self.std)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -178,7 +185,9 @@ class PatchGANDiscriminator(nn.Module):
     """pix2pix / taming-transformers ``NLayerDiscriminator``: (B, 3, H, W) -> (B, 1, h, w) patch logits.
 
     Conv4×4/2 + LeakyReLU, then ``n_layers`` Conv4×4 (stride 2, the last stride 1) + BatchNorm +
-    LeakyReLU with channels doubling up to 8×, then a Conv4×4/1 to one channel.
+    LeakyReLU with channels doubling up to 8×, then a Conv4×4/1 to one channel.  It is fed [0, 1]
+    images (:class:`TokenizerLoss`).  Under data parallelism the BatchNorm statistics stay per GPU
+    (plain ``BatchNorm2d``, never converted to ``SyncBatchNorm``), as in the published runs.
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
@@ -217,3 +226,98 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """``L_G = -mean D(x̂)``."""
     return -logits_fake.float().mean()
+
+
+# ----------------------------------------------------------------------------- the composition
+
+
+@dataclass
+class TokenizerLossOutput:
+    """What :class:`TokenizerLoss` returns; every tensor is 0-dim fp32."""
+
+    loss: torch.Tensor  # the generator objective, the sum of ``weighted``
+    terms: dict[str, torch.Tensor]  # name -> unweighted term ("l2", "perceptual", "kl", "sem", "g")
+    weighted: dict[str, torch.Tensor]  # name -> weight·term, the summands of ``loss``
+    disc_loss: torch.Tensor | None  # the discriminator's hinge loss (None while the GAN is off)
+
+
+class TokenizerLoss(nn.Module):
+    """The RecTok stage-1/stage-2 loss composition of SPEC §3, term by term.
+
+    ``L = w_l2·MSE(x̂, x) + w_P·P(x̂, x) + w_KL·KL + w_sem·L_sem + w_G·L_G`` with
+    ``L_G = −mean D(x̂)`` and the discriminator's ``½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂)))``.
+
+    ``forward(images, outputs, step, discriminator=None)``:
+
+    * ``images``: (B, 3, H, W) in **[-1, 1]** (the tokenizer's input range); ``outputs`` the
+      :class:`rectok_fast.models.rectok.RecTokOutput` of the training forward (``reconstruction`` in
+      the same [-1, 1] scale, ``kl``, ``sem_loss``).  Every term is computed in fp32 on images mapped
+      to **[0, 1]** (``x·0.5 + 0.5``): the MSE, and the discriminator sees [0, 1] images for the
+      generator term and for its own hinge loss alike.  ``P`` is :class:`PerceptualLoss` (LPIPS on
+      the [-1, 1] pair, its own convention; ConvNeXt-S on [0, 1] at 224 px bilinear).
+    * ``step``: the optimizer step; the GAN terms are on from ``gan_start_step``.
+    * ``discriminator``: the :class:`PatchGANDiscriminator`, possibly DDP-wrapped.  The hinge loss
+      runs through it as given (so DDP syncs its gradients); the generator term through the
+      unwrapped module with its parameters frozen for that call (only the tokenizer gets gradients).
+
+    A weight of 0 (or a missing perceptual module, or an output without ``sem_loss``) leaves the
+    term out of ``terms`` and ``weighted``.  Stage 2 is the same module with ``kl = semantic = 0`` and
+    ``gan_start_step = 0``.  The caller runs ``loss.backward()`` and ``disc_loss.backward()``.
+
+    Example::
+
+        crit = TokenizerLoss(perceptual=PerceptualLoss(), gan_start_step=100 * steps_per_epoch)
+        res = crit(images, model(images), step, discriminator=disc)
+        (res.loss + (res.disc_loss if res.disc_loss is not None else 0)).backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        l2: float = 1.0,
+        perceptual_weight: float = 1.0,
+        kl: float = 1e-6,
+        semantic: float = 1.0,
+        gan: float = 0.1,
+        gan_start_step: int = 0,
+        perceptual: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.w = {"l2": float(l2), "perceptual": float(perceptual_weight), "kl": float(kl), "sem": float(semantic)}
+        self.gan, self.gan_start_step = float(gan), int(gan_start_step)
+        self.perceptual = perceptual if perceptual_weight > 0 else None
+
+    def gan_active(self, step: int, discriminator: nn.Module | None) -> bool:
+        """Whether the GAN terms are computed at ``step``."""
+        return discriminator is not None and self.gan > 0 and step >= self.gan_start_step
+
+    def forward(
+        self, images: torch.Tensor, outputs, step: int, discriminator: nn.Module | None = None
+    ) -> TokenizerLossOutput:
+        recon = outputs.reconstruction.float()
+        x01, r01 = images.float() * 0.5 + 0.5, recon * 0.5 + 0.5
+        terms = {"l2": F.mse_loss(r01, x01)}
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(recon, images)
+        if self.w["kl"] > 0:
+            terms["kl"] = outputs.kl.float()
+        if self.w["sem"] > 0 and outputs.sem_loss is not None:
+            terms["sem"] = outputs.sem_loss.float()
+        weights = dict(self.w)
+        disc_loss = None
+        if self.gan_active(step, discriminator):
+            raw = getattr(discriminator, "module", discriminator)  # DDP: the generator term skips its hooks
+            raw.requires_grad_(False)
+            terms["g"] = hinge_g_loss(raw(r01))
+            raw.requires_grad_(True)
+            weights["g"] = self.gan
+            disc_loss = hinge_d_loss(discriminator(x01), discriminator(r01.detach()))
+        weighted = {k: weights[k] * v for k, v in terms.items()}
+        loss = weighted["l2"]
+        for k in list(weighted)[1:]:
+            loss = loss + weighted[k]
+        return TokenizerLossOutput(loss, terms, weighted, disc_loss)
+
+    def extra_repr(self) -> str:
+        w = ", ".join(f"{k}={v}" for k, v in self.w.items())
+        return f"{w}, gan={self.gan}, gan_start_step={self.gan_start_step}"

@@ -4,9 +4,13 @@
     torchrun --nproc-per-node 8 -m rectok_fast.train.tokenizer --config configs/tokenizer/rectok_bb_stage1.yaml \\
         --data /data/imagenet/train --out runs/rectok_bb_s1
 
-Stage 1: ``L = MSE + w_P·P + w_KL·KL + w_sem·L_sem + w_G·L_G`` on [0, 1] images in fp32, the GAN from
-``loss.gan_start_epoch``.  Stage 2 (``stage: 2``): starts from ``model.init``, freezes all but the pixel
-decoder, no masking, γ = 0, KL and semantic losses off, GAN from the start.
+Stage 1: ``L = MSE + w_P·P + w_KL·KL + w_sem·L_sem + w_G·L_G`` on [0, 1] images in fp32
+(:class:`~rectok_fast.train.losses.TokenizerLoss`; the discriminator sees [0, 1] images too and keeps
+per-GPU BatchNorm statistics), the GAN (weight 0.1) from ``loss.gan_start_epoch``.  Stage 2
+(``stage: 2``): starts from ``model.init``, freezes all but the pixel decoder, no masking, γ = 0 (the
+posterior is still sampled), KL and semantic losses off, GAN from the start.  The mask plan and the
+flow times come from the model (:meth:`RecTok.sample_mask`, ``RecTok.noiser.draw_time``), drawn once
+per global batch from the shared generator.
 """
 
 from __future__ import annotations
@@ -15,23 +19,36 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
+from ..models.rectok import Mask
 from ..models.loading import build_rectok, load_tokenizer
 from ..utils.ema import EMA
 from ..utils.images import save_grid
 from .builders import build_teacher
 from .cli_common import run_training_cli
 from .common import Trainer
-from .losses import PatchGANDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
+from .losses import PatchGANDiscriminator, PerceptualLoss, TokenizerLoss
 
 logger = logging.getLogger("rectok_fast.train")
 
 
 class TokenizerTrainer(Trainer):
     kind = "tokenizer"
+
+    def __init__(self, cfg: RunConfig, dist_info=None):
+        super().__init__(cfg, dist_info)  # build(); steps per epoch (for the GAN start) are known after it
+        lc, stage1 = cfg.loss, cfg.stage == 1
+        self.criterion = TokenizerLoss(
+            l2=lc.l2,
+            perceptual_weight=lc.perceptual if self.perceptual is not None else 0.0,
+            kl=lc.kl if stage1 else 0.0,
+            semantic=lc.semantic if self.use_sem else 0.0,
+            gan=lc.gan,
+            gan_start_step=self.gan_start_step,
+            perceptual=self.perceptual,
+        )
 
     def build(self) -> None:
         cfg, mc, lc = self.cfg, self.cfg.model, self.cfg.loss
@@ -63,10 +80,8 @@ class TokenizerTrainer(Trainer):
             )
         self.disc = None
         if lc.gan > 0:
-            disc = PatchGANDiscriminator(3, lc.disc_channels, lc.disc_layers)
-            if self.dist.distributed and self.device.type == "cuda":
-                disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-            self.raw_disc = disc.to(self.device)
+            # BatchNorm statistics stay per GPU under DDP (no SyncBatchNorm), as in the published runs
+            self.raw_disc = PatchGANDiscriminator(3, lc.disc_channels, lc.disc_layers).to(self.device)
             self.disc = self.wrap_ddp(self.raw_disc)
             self.make_optimizer("disc", self.raw_disc, lr_mult=lc.disc_lr_mult)
         self.preview = None
@@ -82,11 +97,11 @@ class TokenizerTrainer(Trainer):
         return d
 
     def extra_state(self) -> dict:
-        return {"mask_rng": self.raw_model._mask_rng.getstate()}
+        return {"mask_rng": self.raw_model.mask_rng_state}
 
     def load_extra_state(self, state: dict) -> None:
         if "mask_rng" in state:
-            self.raw_model._mask_rng.setstate(state["mask_rng"])
+            self.raw_model.mask_rng_state = state["mask_rng"]
 
     def draw_step_randomness(self, G: int) -> dict:
         m = self.raw_model
@@ -94,13 +109,10 @@ class TokenizerTrainer(Trainer):
         N, C, dev, g = c.num_tokens, c.token_channels, self.device, self.rand
         masking = self.cfg.stage == 1 and c.mask_ratio > 0
         K = m.draw_num_kept() if masking else N
-        rnd = {"K": K, "masking": masking and K < N}
-        if rnd["masking"]:
-            rnd["ids_shuffle"] = torch.argsort(torch.rand(G, N, device=dev, generator=g), dim=1)
+        # one plan for the global batch (each micro-batch takes its rows); none when every token is kept
+        rnd = {"K": K, "mask": m.sample_mask(G, dev, num_kept=K, generator=g) if K < N else Mask(None, None)}
         if self.cfg.stage == 1 and c.gamma > 0:
-            from ..reference.posterior_flow import sample_time
-
-            rnd["t"] = sample_time(G, c.noise_schedule, shift=m.timestep_shift, device=dev, generator=g)
+            rnd["t"] = m.noiser.draw_time(G, device=dev, generator=g)
         else:
             rnd["t"] = torch.zeros(G, device=dev)
         if self.noise_mode == "kernel":  # posterior + flow noise made in the kernel from this seed
@@ -112,15 +124,9 @@ class TokenizerTrainer(Trainer):
 
     def micro_step(self, batch, rnd: dict, m: int) -> dict:
         from .._validate import trusted_indices
-        from ..models.rectok import Mask
-
-        lc = self.cfg.loss
         images = batch[0].to(self.device, non_blocking=True)
-        if rnd["masking"]:
-            shuffle = self.slice_rnd(rnd["ids_shuffle"], m)
-            mask = Mask(shuffle[:, : rnd["K"]].contiguous(), torch.argsort(shuffle, dim=1))
-        else:
-            mask = Mask(None, None)
+        off = self.slice_start(m)
+        mask = rnd["mask"].rows(off, off + self.micro)
         if self.noise_mode == "kernel":
             nz = {"seed": rnd["seed"], "sample_offset": self.slice_start(m), "flow_backend": self.noise_backend}
         else:
@@ -129,31 +135,12 @@ class TokenizerTrainer(Trainer):
         # index checks (each a host sync) are skipped
         with self.autocast(), trusted_indices():
             out = self.model(images, mask=mask, t=self.slice_rnd(rnd["t"], m), **nz)
-        recon = out.reconstruction.float()
-        x01, r01 = images.float() * 0.5 + 0.5, recon * 0.5 + 0.5
-        losses = {"l2": F.mse_loss(r01, x01)}
-        total = lc.l2 * losses["l2"]
-        if self.perceptual is not None:
-            losses["perceptual"] = self.perceptual(recon, images)
-            total = total + lc.perceptual * losses["perceptual"]
-        if lc.kl > 0 and self.cfg.stage == 1:
-            losses["kl"] = out.kl.float()
-            total = total + lc.kl * losses["kl"]
-        if self.use_sem and out.sem_loss is not None:
-            losses["sem"] = out.sem_loss.float()
-            total = total + lc.semantic * losses["sem"]
-        gan_on = self.disc is not None and self.step >= self.gan_start_step
-        if gan_on:
-            self.raw_disc.requires_grad_(False)
-            losses["g"] = hinge_g_loss(self.raw_disc(recon))
-            self.raw_disc.requires_grad_(True)
-            total = total + lc.gan * losses["g"]
-        losses["loss"] = total
-        (total / self.accum).backward()
-        if gan_on:
-            d_loss = hinge_d_loss(self.disc(images.float()), self.disc(recon.detach()))
-            (d_loss / self.accum).backward()
-            losses["d"] = d_loss
+        res = self.criterion(images, out, self.step, self.disc)
+        losses = {**res.terms, "loss": res.loss}
+        (res.loss / self.accum).backward()
+        if res.disc_loss is not None:
+            (res.disc_loss / self.accum).backward()
+            losses["d"] = res.disc_loss
         if self.preview is None and self.dist.is_main:
             self.preview = images[:8].detach().clone()
         return {k: v.detach() for k, v in losses.items()}

@@ -1,0 +1,310 @@
+"""Triton kernels for the distance-matrix alignment loss
+``mean over b, i, j of relu(|cos(s_i, s_j) - cos(t_i, t_j)| - margin)``.
+
+Inputs are the raw rows ``S`` (B, N, D) and ``T`` (B, N, Dt) and their fp32 norms (B, N); rows are
+never normalised in memory: a cosine tile is ``(S_I S_Jᵀ) · r_I r_Jᵀ`` with ``r = 1/max(norm, eps)``,
+the Gram tile computed by ``tl.dot`` over D in ``BLOCK_D`` chunks (fp32 accumulation).  No B·N²
+matrix is ever written:
+
+* forward: one program per (i-tile, j-tile, sample); tiles with j < i are skipped and those with
+  j > i count twice (both cosine matrices are symmetric); each program writes one fp32 partial sum
+  (no atomics, so the result is deterministic);
+* backward: with ``G = sign(d)·[|d| > margin]`` (``d = cos_s − cos_t``, symmetric), the gradient
+  of the normalised rows is ``dŜ_I = 2·scale·Σ_J G_IJ Ŝ_J`` (``tl.dot`` again), then through the
+  normalisation ``dS_i = r_i (dŜ_i − [norm_i ≥ eps]·ŝ_i (ŝ_i·dŜ_i))``.  Programs are persistent (a
+  fixed grid loops over the (sample, i-tile) work items); each owns a ``BLOCK_I × D`` fp32 slice of
+  a scratch buffer where it accumulates ``Σ_J G_IJ Ŝ_J`` over the j-tiles, so the scratch is
+  ``programs × BLOCK_I × D`` whatever B is.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` (fp32 accumulation).  UPCAST (set by the launcher for bf16 under the CPU
+    interpreter, whose ``tl.dot`` multiplies bf16's raw bits) computes in fp32: bf16 products are
+    exact in fp32, as on the tensor cores."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _gram_tile(
+    X,  # base pointer of one sample: (N, K) rows, strides (stride_n, stride_k)
+    rows_i,  # (BLOCK_I,) int64
+    rows_j,  # (BLOCK_J,) int64
+    ok_i,
+    ok_j,
+    K,
+    stride_n,
+    stride_k,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """(BLOCK_I, BLOCK_J) fp32 tile of X_I X_Jᵀ (0 outside the valid rows)."""
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        a = tl.load(
+            X + rows_i[:, None] * stride_n + k[None, :] * stride_k, mask=ok_i[:, None] & k_ok[None, :], other=0.0
+        )
+        bt = tl.load(
+            X + rows_j[None, :] * stride_n + k[:, None] * stride_k, mask=k_ok[:, None] & ok_j[None, :], other=0.0
+        )
+        acc = _dot(a, bt, acc, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _inv_norm(NRM, rows, ok, eps):
+    """(norm, 1/max(norm, eps)) of ``rows`` (NaN norms stay NaN)."""
+    n = tl.load(NRM + rows, mask=ok, other=1.0)
+    return n, 1.0 / tl.maximum(n, eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _cos_diff(
+    S,
+    T,
+    NS,
+    NT,
+    rows_i,
+    rows_j,
+    ok_i,
+    ok_j,
+    rs_i,
+    rt_i,
+    N,
+    D,
+    DT,
+    stride_sn,
+    stride_sd,
+    stride_tn,
+    stride_td,
+    eps,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    PREC_S: tl.constexpr,
+    PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr,
+    UPCAST_T: tl.constexpr,
+):
+    """(d = cos_s − cos_t tile (BLOCK_I, BLOCK_J), r_s of the j rows, r_t of the j rows)."""
+    _, rs_j = _inv_norm(NS, rows_j, ok_j, eps)
+    _, rt_j = _inv_norm(NT, rows_j, ok_j, eps)
+    gs = _gram_tile(S, rows_i, rows_j, ok_i, ok_j, D, stride_sn, stride_sd, BLOCK_I, BLOCK_J, BLOCK_D, PREC_S, UPCAST_S)
+    gt = _gram_tile(
+        T, rows_i, rows_j, ok_i, ok_j, DT, stride_tn, stride_td, BLOCK_I, BLOCK_J, BLOCK_DT, PREC_T, UPCAST_T
+    )
+    d = gs * (rs_i[:, None] * rs_j[None, :]) - gt * (rt_i[:, None] * rt_j[None, :])
+    return d, rs_j, rt_j
+
+
+@triton.jit
+def distmat_fwd_kernel(
+    S,  # student: (B, N, D), any float dtype, strides (stride_sb, stride_sn, stride_sd)
+    T,  # teacher: (B, N, Dt), any float dtype, strides (stride_tb, stride_tn, stride_td)
+    NS,  # student row norms: (B, N) fp32 contiguous
+    NT,  # teacher row norms: (B, N) fp32 contiguous
+    PART,  # out partial sums: (B, n_tiles, n_tiles) fp32 contiguous
+    N,
+    D,
+    DT,
+    stride_sb,
+    stride_sn,
+    stride_sd,
+    stride_tb,
+    stride_tn,
+    stride_td,
+    margin,
+    eps,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    PREC_S: tl.constexpr,
+    PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr,
+    UPCAST_T: tl.constexpr,
+):
+    pid_i = tl.program_id(0).to(tl.int64)
+    pid_j = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    partial = 0.0
+    if pid_j >= pid_i:
+        rows_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+        rows_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+        ok_i = rows_i < N
+        ok_j = rows_j < N
+        _, rs_i = _inv_norm(NS + b * N, rows_i, ok_i, eps)
+        _, rt_i = _inv_norm(NT + b * N, rows_i, ok_i, eps)
+        d, _, _ = _cos_diff(
+            S + b * stride_sb, T + b * stride_tb, NS + b * N, NT + b * N,
+            rows_i, rows_j, ok_i, ok_j, rs_i, rt_i, N, D, DT,
+            stride_sn, stride_sd, stride_tn, stride_td, eps,
+            BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DT, PREC_S, PREC_T, UPCAST_S, UPCAST_T,
+        )  # fmt: skip
+        x = tl.abs(d) - margin
+        term = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
+        term = tl.where(ok_i[:, None] & ok_j[None, :], term, 0.0)
+        partial = tl.sum(tl.sum(term, axis=1), axis=0) * tl.where(pid_j > pid_i, 2.0, 1.0)
+    tl.store(PART + (b * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j, partial)
+
+
+@triton.jit
+def _accumulate_rows(
+    ACC,  # this program's scratch slice: (BLOCK_I, K) fp32 contiguous
+    X,  # one sample's rows: (N, K), strides (stride_n, stride_k)
+    w,  # (BLOCK_I, BLOCK_J) fp32 weights of the j rows
+    rows_j,
+    ok_j,
+    j0,  # first row of the j-tile: the tile at j0 = 0 overwrites ACC instead of adding to it
+    K,
+    stride_n,
+    stride_k,
+    BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """ACC (+)= w @ X_J over K in BLOCK_K chunks (overwrites when ``j0 == 0``)."""
+    ii = tl.arange(0, BLOCK_I).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        xj = tl.load(
+            X + rows_j[:, None] * stride_n + k[None, :] * stride_k, mask=ok_j[:, None] & k_ok[None, :], other=0.0
+        )
+        ptr = ACC + ii[:, None] * K + k[None, :]
+        acc = tl.load(ptr, mask=k_ok[None, :] & (j0 > 0), other=0.0)
+        acc = _dot(w.to(xj.dtype), xj, acc, PREC, UPCAST)
+        tl.store(ptr, acc, mask=k_ok[None, :])
+    # the next read of ACC may come from other threads of this program: make the stores visible
+    tl.debug_barrier()
+
+
+@triton.jit
+def _normalise_backward(
+    ACC,  # this program's scratch slice: (BLOCK_I, K) fp32, Σ_J G_IJ x̂_J
+    X,  # one sample's rows: (N, K), strides (stride_n, stride_k)
+    DX,  # out: one sample's gradient (N, K) contiguous, X's dtype
+    rows_i,
+    ok_i,
+    n_i,  # (BLOCK_I,) fp32 norms
+    r_i,  # (BLOCK_I,) fp32 1/max(norm, eps)
+    coef,  # fp32 scalar: 2 · grad / (B N²), sign included
+    eps,
+    K,
+    stride_n,
+    stride_k,
+    BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """DX_i = coef · r_i (a_i − [n_i ≥ eps] x̂_i (x̂_i · a_i)) with a = ACC, x̂ = r·x."""
+    ii = tl.arange(0, BLOCK_I).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    xa = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        msk = ok_i[:, None] & (k < K)[None, :]
+        x = tl.load(X + rows_i[:, None] * stride_n + k[None, :] * stride_k, mask=msk, other=0.0).to(tl.float32)
+        a = tl.load(ACC + ii[:, None] * K + k[None, :], mask=msk, other=0.0)
+        xa += tl.sum(x * a, axis=1)
+    # x̂ (x̂·a) = x · r² (x·a); a norm clamped at eps has no gradient (clamp_min's backward)
+    proj = tl.where(n_i >= eps, r_i * r_i * xa, 0.0)
+    cr = coef * r_i
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        msk = ok_i[:, None] & (k < K)[None, :]
+        x = tl.load(X + rows_i[:, None] * stride_n + k[None, :] * stride_k, mask=msk, other=0.0).to(tl.float32)
+        a = tl.load(ACC + ii[:, None] * K + k[None, :], mask=msk, other=0.0)
+        dx = cr[:, None] * (a - proj[:, None] * x)
+        tl.store(DX + rows_i[:, None] * K + k[None, :], dx.to(DX.dtype.element_ty), mask=msk)
+    tl.debug_barrier()  # ACC is overwritten by this program's next work item
+
+
+@triton.jit
+def distmat_bwd_kernel(
+    S,  # student: (B, N, D), strides (stride_sb, stride_sn, stride_sd)
+    T,  # teacher: (B, N, Dt), strides (stride_tb, stride_tn, stride_td)
+    NS,  # student row norms: (B, N) fp32 contiguous
+    NT,  # teacher row norms: (B, N) fp32 contiguous
+    SCALE,  # 0-dim fp32: 2 · grad_loss / (B N²)
+    ACCS,  # scratch: (programs, BLOCK_I, D) fp32
+    ACCT,  # scratch: (programs, BLOCK_I, Dt) fp32 (used only when GRAD_TARGET)
+    DS,  # out dstudent: (B, N, D) contiguous, student's dtype
+    DTG,  # out dteacher: (B, N, Dt) contiguous, teacher's dtype (written only when GRAD_TARGET)
+    B,
+    N,
+    D,
+    DT,
+    stride_sb,
+    stride_sn,
+    stride_sd,
+    stride_tb,
+    stride_tn,
+    stride_td,
+    margin,
+    eps,
+    GRAD_TARGET: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    PREC_S: tl.constexpr,
+    PREC_T: tl.constexpr,
+    UPCAST_S: tl.constexpr,
+    UPCAST_T: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0)
+    n_i_tiles = tl.cdiv(N, BLOCK_I)
+    acc_s = ACCS + pid * BLOCK_I * D
+    acc_t = ACCT + pid * BLOCK_I * DT
+    coef = tl.load(SCALE).to(tl.float32)
+    for item in range(pid, B * n_i_tiles, nprog):
+        b = item // n_i_tiles
+        rows_i = (item % n_i_tiles) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+        ok_i = rows_i < N
+        s_b = S + b * stride_sb
+        t_b = T + b * stride_tb
+        ns_i, rs_i = _inv_norm(NS + b * N, rows_i, ok_i, eps)
+        nt_i, rt_i = _inv_norm(NT + b * N, rows_i, ok_i, eps)
+        for j0 in range(0, N, BLOCK_J):
+            rows_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+            ok_j = rows_j < N
+            d, rs_j, rt_j = _cos_diff(
+                s_b, t_b, NS + b * N, NT + b * N,
+                rows_i, rows_j, ok_i, ok_j, rs_i, rt_i, N, D, DT,
+                stride_sn, stride_sd, stride_tn, stride_td, eps,
+                BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DT, PREC_S, PREC_T, UPCAST_S, UPCAST_T,
+            )  # fmt: skip
+            # d relu(|d| - m) / d d = sign(d) where |d| - m > 0, 0 at NaN (torch: relu'(NaN) = sign(NaN) = 0);
+            # NaN rows still reach the gradient through r_J and the rows themselves, as in the reference
+            g = tl.where(tl.abs(d) - margin > 0.0, tl.where(d > 0.0, 1.0, -1.0), 0.0)
+            g = tl.where(ok_i[:, None] & ok_j[None, :], g, 0.0)
+            # ŝ_J = r_J s_J: fold r_J into the weights, read the raw rows
+            _accumulate_rows(acc_s, s_b, g * rs_j[None, :], rows_j, ok_j, j0, D, stride_sn, stride_sd,
+                             BLOCK_I, BLOCK_D, PREC_S, UPCAST_S)  # fmt: skip
+            if GRAD_TARGET:
+                _accumulate_rows(acc_t, t_b, g * rt_j[None, :], rows_j, ok_j, j0, DT, stride_tn, stride_td,
+                                 BLOCK_I, BLOCK_DT, PREC_T, UPCAST_T)  # fmt: skip
+        _normalise_backward(acc_s, s_b, DS + b * N * D, rows_i, ok_i, ns_i, rs_i, coef, eps, D,
+                            stride_sn, stride_sd, BLOCK_I, BLOCK_D)  # fmt: skip
+        if GRAD_TARGET:
+            _normalise_backward(acc_t, t_b, DTG + b * N * DT, rows_i, ok_i, nt_i, rt_i, -coef, eps, DT,
+                                stride_tn, stride_td, BLOCK_I, BLOCK_DT)  # fmt: skip

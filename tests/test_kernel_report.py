@@ -1,0 +1,86 @@
+"""The compile-only kernel report (``python -m benchmarks.kernel_report``) on a small subset of ops.
+
+Runs in a subprocess: the report compiles the kernels for sm_90 (``TRITON_INTERPRET`` unset), which
+cannot share a process with the interpreter-mode kernels of the rest of the suite.  No GPU needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tools_missing() -> str | None:
+    try:
+        import triton
+    except Exception as e:  # pragma: no cover - triton ships with torch
+        return f"triton not importable: {e}"
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for tool in ("ptxas", "nvdisasm", "cuobjdump"):
+        if not os.path.exists(os.path.join(bin_dir, tool)):
+            return f"{tool} is not in the triton wheel ({bin_dir})"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernel_report")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [
+        sys.executable, "-m", "benchmarks.kernel_report",
+        "--ops", "gaussian_kl", "restore_tokens",
+        "--dtypes", "bf16", "--modes", "fwd+bwd", "--check", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "kernel_report.json") as f:
+        data = json.load(f)
+    md = (out / "kernel_report.md").read_text()
+    return data, md
+
+
+def test_report_fields(report):
+    data, md = report
+    import triton
+
+    assert data["triton"] == triton.__version__
+    assert not data["errors"]
+    op = data["ops"]["gaussian_kl"]["bf16"]["fwd+bwd"]
+    bnc = 256 * 256 * 128
+    assert op["bytes_min"] == (2 * bnc * 2 + 4 * 256) + (4 * bnc * 2 + 4 * 256)  # read mean, logvar; + write grads
+    assert op["bytes_actual"] >= op["bytes_min"] * 0.99
+    for m in ("H200", "H100"):
+        assert 0 < op["predicted_frac_copy_bw"][m] <= 1.0
+    assert len([k for k in data["kernels"] if k["op"] == "gaussian_kl"]) >= 2  # a forward and a backward kernel
+    for k in data["kernels"]:
+        assert k["regs"] > 0, k["name"]
+        assert k["spills"] == 0, k["name"]
+        assert k["sass_per_element"] > 0, k["name"]
+        assert k["resident_warps_per_sm"] > 0, k["name"]
+        assert k["global_load_widths"] and all(w.startswith("LDG") for w in k["global_load_widths"]), k["name"]
+        assert k["variants_across_K"] is not None and k["variants_across_K"] >= 1, k["name"]
+        assert ": " in k["signature"] and k["num_warps"] in (1, 2, 4, 8, 16, 32)
+    assert "predicted from compiled code" in md.lower()
+
+
+def test_restore_backward_costs_are_counted(report):
+    """Everything the launcher issues besides the kernels is in bytes_actual (e.g. zero-fills, partial sums)."""
+    data, _ = report
+    op = data["ops"]["restore_tokens"]["bf16"]["fwd+bwd"]
+    kinds = [s["kind"] for s in op["steps"]]
+    assert kinds.count("triton") >= 2
+    assert op["launches"] == len([s for s in op["steps"] for _ in range(s["launches"])])
+    assert op["bytes_actual"] == pytest.approx(sum(s["bytes"] for s in op["steps"]))
+    # variants across the recipe's mask ratios were counted for the K-dependent kernels
+    ks = [k for k in data["kernels"] if k["op"] == "restore_tokens"]
+    assert ks and all(k.get("K_range") == [154, 256] for k in ks)
