@@ -101,9 +101,7 @@ class SassInfo:
 
 def disassemble_all(cubin_path: str) -> dict[str, SassInfo]:
     """Every function of a cubin: name -> its SASS (``nvdisasm -c -gi``: with line info)."""
-    txt = subprocess.run(
-        [tool("nvdisasm"), "-c", "-gi", cubin_path], capture_output=True, text=True, check=True
-    ).stdout
+    txt = subprocess.run([tool("nvdisasm"), "-c", "-gi", cubin_path], capture_output=True, text=True, check=True).stdout
     out: dict[str, SassInfo] = {}
     cur: SassInfo | None = None
     pending_labels: list[str] = []
@@ -162,7 +160,7 @@ class PyFor:
     args: tuple  # source text of range() args, or () when not a range()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def for_loops(path: str) -> tuple[PyFor, ...]:
     """Every ``for`` statement of a Python file with its enclosing function and range() args."""
     try:
@@ -268,7 +266,12 @@ def analyze_sass(
     for j, lp in enumerate(loops):  # innermost enclosing loop = parent
         best = None
         for k, other in enumerate(loops):
-            if k != j and other.start <= lp.start and lp.end <= other.end and (other.end - other.start) > (lp.end - lp.start):
+            if (
+                k != j
+                and other.start <= lp.start
+                and lp.end <= other.end
+                and (other.end - other.start) > (lp.end - lp.start)
+            ):
                 if best is None or (other.end - other.start) < (loops[best].end - loops[best].start):
                     best = k
         lp.parent = best
@@ -281,7 +284,7 @@ def analyze_sass(
         for f, _ in x.frames:
             if f not in fors_by_file and _is_repo_file(f):
                 fors_by_file[f] = for_loops(f)
-    for j, lp in enumerate(loops):
+    for lp in loops:
         inner = set()
         for c in lp.children:
             inner.update(range(loops[c].start, loops[c].end + 1))
@@ -358,7 +361,7 @@ def analyze_sass(
     # bytes in flight per thread: global loads of the hot region with the largest trip product
     # (the loop body a thread spends its time in, or the whole kernel without loops)
     if loops and any(lp.pyfor is not None for lp in loops):
-        top = max((lp for lp in loops if lp.pyfor is not None), key=lambda lp: (lp.trip or 1.0))
+        top = max((lp for lp in loops if lp.pyfor is not None), key=lambda lp: lp.trip or 1.0)
         rng = range(top.start, top.end + 1)
     else:
         rng = range(n)
@@ -372,8 +375,12 @@ def analyze_sass(
         "static_hot": static_hot,
         "static_cold": static_cold,
         "mem_instructions": mem,
-        "global_load_widths": sorted({x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.startswith("LDG")}),
-        "global_store_widths": sorted({x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.startswith("STG")}),
+        "global_load_widths": sorted(
+            {x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.startswith("LDG")}
+        ),
+        "global_store_widths": sorted(
+            {x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.startswith("STG")}
+        ),
         "load_bytes_per_thread": ld_bytes,
         "store_bytes_per_thread": st_bytes,
         "inflight_load_bytes_per_thread": inflight_loads,

@@ -155,11 +155,23 @@ def activate() -> StandIn:
             if "ptxas info" in log:
                 state.logs[(name, key)] = log
             log = state.logs.get((name, key), log)
-        launch = {"name": name, "key": key, "grid": g, "args": bound, "compiled": compiled, "ptxas_log": log,
-                  "num_warps": None, "signature": None, "constexprs": None, "runtime_arg_names": None}
+        launch = {
+            "name": name,
+            "key": key,
+            "grid": g,
+            "args": bound,
+            "compiled": compiled,
+            "ptxas_log": log,
+            "num_warps": None,
+            "signature": None,
+            "constexprs": None,
+            "runtime_arg_names": None,
+        }
         if compiled is not None:
             launch["num_warps"] = compiled.metadata.num_warps
-            launch["signature"], launch["constexprs"], launch["runtime_arg_names"] = _signature(compiled, self.arg_names)
+            launch["signature"], launch["constexprs"], launch["runtime_arg_names"] = _signature(
+                compiled, self.arg_names
+            )
         for cb in list(state.listeners):
             cb(launch)
         return compiled

@@ -73,7 +73,9 @@ def accesses(ttir: str, arg_names: list[str], values: dict, programs: int, hints
             operands = re.findall(r"%[\w]+", rest.split(" : ")[0].split(" loc(")[0])
             defs[name] = (op, operands)
             if op == "scf.for":
-                for a, b in re.findall(r"(%[\w]+)\s*=\s*(%[\w]+)", rest.split("iter_args", 1)[-1] if "iter_args" in rest else ""):
+                for a, b in re.findall(
+                    r"(%[\w]+)\s*=\s*(%[\w]+)", rest.split("iter_args", 1)[-1] if "iter_args" in rest else ""
+                ):
                     alias[a] = b
 
     def base_arg(v: str, depth=0) -> str | None:
@@ -89,7 +91,19 @@ def accesses(ttir: str, arg_names: list[str], values: dict, programs: int, hints
         op, ops = d
         if op == "arith.select" and len(ops) >= 3:
             return base_arg(ops[1], depth + 1) or base_arg(ops[2], depth + 1)
-        if op in ("tt.addptr", "tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans", "ttg.convert_layout") and ops:
+        if (
+            op
+            in (
+                "tt.addptr",
+                "tt.splat",
+                "tt.broadcast",
+                "tt.expand_dims",
+                "tt.reshape",
+                "tt.trans",
+                "ttg.convert_layout",
+            )
+            and ops
+        ):
             return base_arg(ops[0], depth + 1)
         return None
 

@@ -58,7 +58,13 @@ MACHINES = {
     # 132 SMs x 4 schedulers x 1.98 GHz x 32 lanes = 3.35e13 thread-instructions/s (one warp instruction
     # issued per scheduler per cycle).  BW_copy: device-to-device copy, read + write counted.
     "H200": {"sms": 132, "clock_hz": 1.98e9, "schedulers": 4, "bw_copy": 4.3e12, "bw_note": "measured copy"},
-    "H100": {"sms": 132, "clock_hz": 1.98e9, "schedulers": 4, "bw_copy": 3.0e12, "bw_note": "measured copy (3.35 datasheet)"},
+    "H100": {
+        "sms": 132,
+        "clock_hz": 1.98e9,
+        "schedulers": 4,
+        "bw_copy": 3.0e12,
+        "bw_note": "measured copy (3.35 datasheet)",
+    },
 }
 MODEL = {
     "memory_latency_s": 600e-9,  # loaded DRAM latency assumed for BW_reachable
@@ -197,8 +203,12 @@ class OpSpecs:
             mean = f((B, N, C), dt, grad)
             lv = f((B, N, C), dt, grad)
             return Built(
-                lambda: ops.gaussian_kl(mean, lv, backend="triton"), [mean, lv], all_outs, 2 * bnc * s + 4 * B,
-                4 * bnc * s + 4 * B, bnc
+                lambda: ops.gaussian_kl(mean, lv, backend="triton"),
+                [mean, lv],
+                all_outs,
+                2 * bnc * s + 4 * B,
+                4 * bnc * s + 4 * B,
+                bnc,
             )
         if name == "gather_tokens":
             x = f((B, N, W), dt, grad)
@@ -246,8 +256,14 @@ class OpSpecs:
             tok = f((B, N, 3 * p * p), dt, grad)
             n = B * N * 3 * p * p
             g = img // p
-            return Built(lambda: torch.ops.rectok_fast.unpatchify(tok, p, 3, g, g, None), [tok], all_outs, 2 * n * s,
-                         2 * n * s, n)
+            return Built(
+                lambda: torch.ops.rectok_fast.unpatchify(tok, p, 3, g, g, None),
+                [tok],
+                all_outs,
+                2 * n * s,
+                2 * n * s,
+                n,
+            )
         if name == "noise":  # the noise-materialising kernel (flow_noise: eps_post and eps_flow)
             # flow_noise() checks for a CUDA device before it launches; its launcher takes the device
             launch = getattr(_ops_module("posterior_flow"), "launch_normal_stream", None)
@@ -312,12 +328,54 @@ def _nbytes(t) -> int:
 
 
 _ZERO_COST = {
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
-    "_unsafe_view", "view", "reshape", "expand", "as_strided", "slice", "select", "unsqueeze", "squeeze", "t",
-    "transpose", "permute", "_reshape_alias", "unbind", "split", "chunk", "set_", "resize_", "_to_copy_noop",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "_unsafe_view",
+    "view",
+    "reshape",
+    "expand",
+    "as_strided",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "transpose",
+    "permute",
+    "_reshape_alias",
+    "unbind",
+    "split",
+    "chunk",
+    "set_",
+    "resize_",
+    "_to_copy_noop",
 }
-_WRITE_ONLY = {"zero_", "fill_", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "new_zeros",
-               "new_ones", "new_full", "arange", "scalar_tensor", "rand", "randn", "randint", "normal_", "uniform_"}
+_WRITE_ONLY = {
+    "zero_",
+    "fill_",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "full",
+    "full_like",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "arange",
+    "scalar_tensor",
+    "rand",
+    "randn",
+    "randint",
+    "normal_",
+    "uniform_",
+}
 
 
 def _aten_event(func, args, kwargs, out):
@@ -338,8 +396,13 @@ def _aten_event(func, args, kwargs, out):
         key = ins[0].element_size()
         passes = math.ceil(key * 8 / MODEL["sort_radix_bits"])
         moved = passes * 2 * n * (key + 8)  # keys + int64 indices read and written per pass
-        return {"kind": "aten", "name": name, "bytes": moved, "launches": passes + 1,
-                "note": f"cub radix sort model: {passes} passes over keys+indices"}
+        return {
+            "kind": "aten",
+            "name": name,
+            "bytes": moved,
+            "launches": passes + 1,
+            "note": f"cub radix sort model: {passes} passes over keys+indices",
+        }
     if name in _WRITE_ONLY:
         b = sum(_nbytes(o) for o in outs) or sum(_nbytes(a) for a in ins[:1])
     elif name.endswith("_") and name != "copy_":  # in-place: read inputs, write self
@@ -350,8 +413,7 @@ def _aten_event(func, args, kwargs, out):
             if id(a) not in seen:
                 seen.add(id(a))
                 b += _nbytes(a)
-    return {"kind": "aten", "name": name, "bytes": b, "launches": 1,
-            "shape": [list(o.shape) for o in outs][:2]}
+    return {"kind": "aten", "name": name, "bytes": b, "launches": 1, "shape": [list(o.shape) for o in outs][:2]}
 
 
 def _cpp_event(func, args, out):
@@ -364,8 +426,17 @@ def _cpp_event(func, args, out):
     ids = tensors[1] if len(tensors) > 1 else None
     tok = out if name == "patchify" else tensors[0]
     image = tensors[0] if name == "patchify" else out
-    ev = [{"kind": "cpp", "name": f"{name} (patch_copy_kernel)", "bytes": 2 * _nbytes(tok) + (0 if ids is None else _nbytes(ids)),
-           "launches": 1, "elements": tok.numel(), "dtype_size": tok.element_size(), "to_tokens": name == "patchify"}]
+    ev = [
+        {
+            "kind": "cpp",
+            "name": f"{name} (patch_copy_kernel)",
+            "bytes": 2 * _nbytes(tok) + (0 if ids is None else _nbytes(ids)),
+            "launches": 1,
+            "elements": tok.numel(),
+            "dtype_size": tok.element_size(),
+            "to_tokens": name == "patchify",
+        }
+    ]
     if name == "unpatchify" and ids is not None and _cu_zero_fills():
         ev.insert(0, {"kind": "aten", "name": "zeros (unpatchify image)", "bytes": _nbytes(image), "launches": 1})
     return ev
@@ -452,7 +523,9 @@ def occupancy(regs: int, smem: int, warps: int) -> dict:
     by_warps = M["max_warps_per_sm"] // warps
     by_smem = M["smem_per_sm"] // (smem + M["smem_reserved_per_block"]) if smem else M["max_blocks_per_sm"]
     blocks = max(0, min(by_regs, by_warps, by_smem, M["max_blocks_per_sm"]))
-    limiter = min((by_regs, "registers"), (by_warps, "warps"), (by_smem, "shared memory"), (M["max_blocks_per_sm"], "blocks"))[1]
+    limiter = min(
+        (by_regs, "registers"), (by_warps, "warps"), (by_smem, "shared memory"), (M["max_blocks_per_sm"], "blocks")
+    )[1]
     return {"blocks_per_sm": blocks, "resident_warps_per_sm": blocks * warps, "limited_by": limiter}
 
 
@@ -480,7 +553,7 @@ def _arg_values(launch) -> dict:
             vals[k] = int(v)
         elif isinstance(v, (int, float)):
             vals[k] = v
-        elif hasattr(v, "value") and isinstance(getattr(v, "value"), (int, float, bool)):
+        elif hasattr(v, "value") and isinstance(v.value, (int, float, bool)):
             vals[k] = v.value
     return vals
 
@@ -587,8 +660,22 @@ def compile_cuda_async(tmpdir):
         incs += ["-I", p]
     for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))):
         out = os.path.join(tmpdir, os.path.basename(cu) + ".cubin")
-        cmd = ["nvcc", "-cubin", "-arch=sm_90", "-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v", "-std=c++20",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", *incs, "-o", out, cu]
+        cmd = [
+            "nvcc",
+            "-cubin",
+            "-arch=sm_90",
+            "-O3",
+            "--use_fast_math",
+            "-lineinfo",
+            "-Xptxas",
+            "-v",
+            "-std=c++20",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *incs,
+            "-o",
+            out,
+            cu,
+        ]
         try:
             procs.append((cu, out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         except FileNotFoundError:
@@ -672,14 +759,26 @@ def op_report(name, dtn, dt, mode, spec, standin, kc, cuda) -> tuple[dict, list]
                 blocks = math.ceil(threads / 256)
                 occ = occupancy(ptx.get("regs") or 0, 0, 8)
                 ka = {
-                    "name": kname, "dtype": dtn, "op": name, "signature": "C++ (csrc/patchify_cuda.cu)",
-                    "grid": [blocks, 1, 1], "num_warps": 8, "programs": blocks, "regs": ptx.get("regs"),
-                    "spills": ptx.get("spills"), "stack": ptx.get("stack"), "shared_mem": 0, **occ,
+                    "name": kname,
+                    "dtype": dtn,
+                    "op": name,
+                    "signature": "C++ (csrc/patchify_cuda.cu)",
+                    "grid": [blocks, 1, 1],
+                    "num_warps": 8,
+                    "programs": blocks,
+                    "regs": ptx.get("regs"),
+                    "spills": ptx.get("spills"),
+                    "stack": ptx.get("stack"),
+                    "shared_mem": 0,
+                    **occ,
                     "global_load_widths": info.get("sass", {}).get("global_load_widths"),
                     "global_store_widths": info.get("sass", {}).get("global_store_widths"),
-                    "executed_instr_per_thread": instr, "thread_instructions": instr * threads,
-                    "sass_per_element": instr * threads / built.elements, "bytes": ev["bytes"],
-                    "load_bytes": ev["bytes"] / 2, "inflight_load_bytes_per_warp": 32 * 16,
+                    "executed_instr_per_thread": instr,
+                    "thread_instructions": instr * threads,
+                    "sass_per_element": instr * threads / built.elements,
+                    "bytes": ev["bytes"],
+                    "load_bytes": ev["bytes"] / 2,
+                    "inflight_load_bytes_per_warp": 32 * 16,
                     "estimate": info.get("sass", {}).get("estimate"),
                 }
                 kernels.append(ka)
@@ -752,7 +851,8 @@ def build_report(op_names, dtypes, modes, do_variants=True, log=print) -> dict:
         "target": "cuda sm_90 (GPUTarget('cuda', 90, 32))",
         "shapes": SHAPES,
         "machines": MACHINES,
-        "model": MODEL | {
+        "model": MODEL
+        | {
             "issue_rate_thread_instr_per_s": {k: issue_rate(m) for k, m in MACHINES.items()},
             "formula": "t = sum_k max(bytes_k/BW_copy, thread_instr_k/issue_rate, load_bytes_k/BW_reachable_k) "
             "+ launches*t_launch; aten ops: bytes/BW_copy; predicted_frac_copy_bw = bytes_min/(t*BW_copy)",
@@ -845,7 +945,11 @@ def _pct(v):
 
 def _measured(summary: dict | None) -> dict:
     """op -> measured ``frac_copy_bw`` (bf16, fwd+bwd, B = 256) from a GPU run's summary.json."""
-    return {op: e["frac_copy_bw"] for op, e in ((summary or {}).get("ops") or {}).items() if e.get("frac_copy_bw") is not None}
+    return {
+        op: e["frac_copy_bw"]
+        for op, e in ((summary or {}).get("ops") or {}).items()
+        if e.get("frac_copy_bw") is not None
+    }
 
 
 def markdown(report: dict, summary: dict | None = None) -> str:
@@ -896,7 +1000,10 @@ def markdown(report: dict, summary: dict | None = None) -> str:
     if report.get("errors"):
         lines += ["", "Errors:", ""] + [f"- `{k}`: {v}" for k, v in report["errors"].items()]
     if measured:
-        lines += ["", f"Measured: `frac_copy_bw` of `benchmarks/results/summary.json` ({summary.get('device')}, bf16, fwd+bwd)."]
+        lines += [
+            "",
+            f"Measured: `frac_copy_bw` of `benchmarks/results/summary.json` ({summary.get('device')}, bf16, fwd+bwd).",
+        ]
     return "\n".join(lines)
 
 
@@ -994,7 +1101,9 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in spec_names]
     if unknown:
         ap.error(f"unknown ops {unknown}; choose from {spec_names}")
-    report = build_report(names, args.dtypes, args.modes, do_variants=not args.no_variants, log=lambda s: print(s, file=sys.stderr))
+    report = build_report(
+        names, args.dtypes, args.modes, do_variants=not args.no_variants, log=lambda s: print(s, file=sys.stderr)
+    )
     report["elapsed_s"] = round(time.time() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, "kernel_report.json")
