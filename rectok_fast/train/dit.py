@@ -22,9 +22,9 @@ from ..config import RunConfig
 from ..data.datasets import build_image_dataset
 from ..data.latents import LatentCacheDataset
 from ..models.ditdh import label_drop_mask, training_loss
+from ..models.loading import build_ditdh, load_dit, load_tokenizer
 from ..ops.posterior_flow import posterior_flow
 from ..schedules import training_time
-from ..models.loading import build_ditdh, load_dit, load_tokenizer
 from ..utils.ema import EMA, _unwrap
 from ..utils.images import save_grid
 from .cli_common import run_training_cli

@@ -22,8 +22,8 @@ import torch
 
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
-from ..models.rectok import Mask
 from ..models.loading import build_rectok, load_tokenizer
+from ..models.rectok import Mask
 from ..utils.ema import EMA
 from ..utils.images import save_grid
 from .builders import build_teacher
