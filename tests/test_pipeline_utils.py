@@ -82,6 +82,39 @@ def test_rng_state_roundtrip():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and torch.equal(a[2], b[2])
 
 
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    """Saved through a checkpoint file and read back with a bare ``weights_only=True``: every stream
+    (Python, NumPy with a cached Gaussian, torch, named generators) continues bit-exactly."""
+    import random
+
+    g = torch.Generator().manual_seed(11)
+    np.random.seed(1)
+    np.random.randn()  # leaves a cached Gaussian (has_gauss = 1) in the legacy state
+    state = get_rng_state({"g": g})
+    assert state["numpy"]["has_gauss"] == 1
+    ckpt.atomic_torch_save({"rng": state}, str(tmp_path / "s.pt"))
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / "s.pt")) == []
+    a = (random.random(), np.random.randn(3), np.random.rand(2), torch.rand(3), torch.rand(2, generator=g))
+    random.seed(0)
+    np.random.seed(5)
+    torch.manual_seed(99)
+    torch.rand(5, generator=g)
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], {"g": g})
+    b = (random.random(), np.random.randn(3), np.random.rand(2), torch.rand(3), torch.rand(2, generator=g))
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+
+
+def test_rng_state_accepts_the_old_numpy_tuple():
+    """Checkpoints written before the safe format hold ``np.random.get_state()`` itself."""
+    np.random.seed(4)
+    state = {**get_rng_state(), "numpy": np.random.get_state()}
+    a = np.random.rand(4)
+    np.random.seed(9)
+    set_rng_state(state)
+    assert np.array_equal(a, np.random.rand(4))
+
+
 def test_ema_update():
     m = torch.nn.Linear(3, 2)
     ema = EMA(m, decay=0.9)

@@ -11,6 +11,8 @@ _LAZY = {
     "DITDH_SIZES": ".ditdh",
     "TinyTeacher": ".teachers",
     "load_teacher": ".teachers",
+    "load_tokenizer": ".loading",
+    "load_dit": ".loading",
 }
 
 
