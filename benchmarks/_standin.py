@@ -13,9 +13,11 @@ is only printed on a fresh compile (a private, empty cache directory).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 
 
@@ -27,7 +29,9 @@ def prepare_environment() -> None:
             "(python -m benchmarks.kernel_report)"
         )
     os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernel_report_triton_")
+    cache = tempfile.mkdtemp(prefix="kernel_report_triton_")
+    atexit.register(shutil.rmtree, cache, True)
+    os.environ["TRITON_CACHE_DIR"] = cache
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 

@@ -84,3 +84,22 @@ def test_restore_backward_costs_are_counted(report):
     # variants across the recipe's mask ratios were counted for the K-dependent kernels
     ks = [k for k in data["kernels"] if k["op"] == "restore_tokens"]
     assert ks and all(k.get("K_range") == [154, 256] for k in ks)
+
+
+def test_tables_put_measured_beside_predicted(report):
+    """With GPU measurements in a summary, the README table shows them next to the prediction."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import kernel_report as kr
+
+    data, _ = report
+    summary = {
+        "device": "NVIDIA H200",
+        "ops": {"restore_tokens": {"frac_copy_bw": 0.5}, "patchify": {"frac_copy_bw": None}},
+    }
+    table = kr.readme_table(data, summary)
+    row = next(ln for ln in table.splitlines() if ln.startswith("| `restore_tokens`"))
+    assert row.rstrip().endswith("| 50% |")
+    assert "measured" in table.splitlines()[2]
+    assert "measured" not in kr.readme_table(data, None).splitlines()[2]
+    md = kr.markdown(data, summary)
+    assert "measured (GPU)" in md and "Predicted from compiled code" in md
