@@ -17,8 +17,14 @@ from collections.abc import Callable
 
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 tensor-core peak
+# ``RECTOK_BENCH_DRY=1`` (``gpu_suite.sh dry``): every case runs its logic at toy sizes on the CPU,
+# Triton kernels under the interpreter; the numbers are tagged ``scale: dry`` and never summarised.
+DRY = os.environ.get("RECTOK_BENCH_DRY", "0") == "1"
+HAS_CUDA = torch.cuda.is_available() and not DRY
+PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 tensor-core peak (datasheet)
+# torch.compile backend of the baselines and the e2e cases: inductor, or "eager" in dry runs (dynamo
+# still traces, so graph breaks and tracing errors show; CPU code generation would not fit 3 minutes)
+COMPILE_BACKEND = os.environ.get("RECTOK_BENCH_COMPILE_BACKEND", "eager" if DRY else "inductor")
 TRITON_SKIP = "Triton kernels need a GPU; interpreter timings are meaningless"
 GPU_ONLY_SKIP = "needs a CUDA GPU (this machine has none)"
 
@@ -86,7 +92,9 @@ def cpu_time_ms(fn: Callable[[], object], reps: int = 7, warmup: int = 1) -> dic
 
 
 def time_ms(fn: Callable[[], object], **kw) -> dict:
-    return gpu_time_ms(fn, **kw) if HAS_CUDA else cpu_time_ms(fn)
+    if HAS_CUDA:
+        return gpu_time_ms(fn, **kw)
+    return cpu_time_ms(fn, reps=3) if DRY else cpu_time_ms(fn)
 
 
 def peak_mb(fn: Callable[[], object]) -> float | None:
@@ -118,6 +126,64 @@ def copy_bandwidth() -> dict:
         t = cpu_time_ms(lambda: dst.copy_(src), reps=9, warmup=2)
     gbps = 2 * n / (t["ms"] * 1e-3) / 1e9
     return {"copy_gbps": gbps, "copy_bytes": 2 * n, "copy_ms": t["ms"], "device": device_name()}
+
+
+def gemm_ceiling() -> dict:
+    """The matmul ceiling measured here: bf16 8192³ ``torch.mm`` on random data (CUDA events, median;
+    three operand pairs rotated so no product repeats a cached input); dry/CPU: fp32 256³."""
+    if HAS_CUDA:
+        n, dtype = 8192, torch.bfloat16
+        pairs = [
+            (torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype))
+            for _ in range(3)
+        ]
+        out = torch.empty(n, n, device="cuda", dtype=dtype)
+        i = [0]
+
+        def mm():
+            a, b = pairs[i[0] % 3]
+            i[0] += 1
+            torch.mm(a, b, out=out)
+
+        t = gpu_time_ms(mm, warmup=100, rep=400)
+        del pairs, out
+        torch.cuda.empty_cache()
+    else:
+        n, dtype = 256, torch.float32
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        t = cpu_time_ms(lambda: a @ b, reps=9, warmup=2)
+    tflops = 2 * n**3 / (t["ms"] * 1e-3) / 1e12
+    return {"gemm_tflops": tflops, "gemm_n": n, "gemm_dtype": str(dtype).removeprefix("torch."), "gemm_ms": t["ms"]}
+
+
+def suite_env() -> dict:
+    """The ``env`` JSON the suite wrote this run (``RECTOK_SUITE_ENV``), or {} outside the suite."""
+    path = os.environ.get("RECTOK_SUITE_ENV")
+    if not path or not os.path.exists(path):
+        return {}
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+def measured_gemm_tflops() -> float | None:
+    """The GEMM ceiling measured earlier in this suite run (``env.json``), if any."""
+    v = suite_env().get("ceilings", {}).get("gemm_tflops")
+    return float(v) if v else None
+
+
+def mfu_both(flops: float, seconds: float) -> dict:
+    """MFU against the 989 TFLOP/s datasheet figure and against the GEMM ceiling measured in the same
+    suite run (None when the run measured none)."""
+    gemm = measured_gemm_tflops()
+    return {
+        "tflops": flops / seconds / 1e12,
+        "mfu": mfu(flops, seconds),
+        "peak_tflops": PEAK_BF16_TFLOPS,
+        "gemm_tflops": gemm,
+        "mfu_gemm": mfu(flops, seconds, gemm) if gemm else None,
+    }
 
 
 def gbps(nbytes: int | None, ms: float | None) -> float | None:

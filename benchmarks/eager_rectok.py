@@ -152,10 +152,20 @@ class EagerDecoder(Trunk):
 
 
 class EagerRecTok(nn.Module):
-    """ViT-B encoder / pixel decoder, tiny semantic decoder for one teacher (SPEC §2)."""
+    """ViT-B encoder / pixel decoder, tiny semantic decoder for one teacher (SPEC §2); smaller sizes
+    for dry runs through the arguments."""
 
     def __init__(
-        self, img=256, patch=16, channels=128, width=768, depth=12, heads=12, teacher_width=1024, mask_ratio=(-0.1, 0.4)
+        self,
+        img=256,
+        patch=16,
+        channels=128,
+        width=768,
+        depth=12,
+        heads=12,
+        teacher_width=1024,
+        mask_ratio=(-0.1, 0.4),
+        sem=(192, 3, 4),
     ):
         super().__init__()
         g = img // patch
@@ -163,7 +173,7 @@ class EagerRecTok(nn.Module):
         self.mask_ratio = mask_ratio
         self.encoder = EagerEncoder(width, depth, heads, g, patch, channels)
         self.decoder = EagerDecoder(width, depth, heads, g, channels, patch=patch)
-        self.sem_decoder = EagerDecoder(192, 3, 4, g, channels, out_dim=teacher_width)
+        self.sem_decoder = EagerDecoder(*sem, g, channels, out_dim=teacher_width)  # (width, depth, heads)
         self.shift = math.sqrt(self.N * channels / 4096)
         self.rng = random.Random(0)
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from common import (
+    COMPILE_BACKEND,
+    DRY,
     HAS_CUDA,
     TRITON_SKIP,
     gbps,
@@ -57,7 +59,9 @@ class Sizes:
 
 PAPER = Sizes(N=256, C=128, W=768, D=1024, K=192, img=256)
 SMALL = Sizes(N=64, C=32, W=192, D=256, K=48, img=128)
-SIZES = PAPER if HAS_CUDA else SMALL
+TOY = Sizes(N=16, C=8, W=32, D=32, K=12, img=64)  # dry runs: Triton under the interpreter
+SIZES = PAPER if HAS_CUDA else (TOY if DRY else SMALL)
+SCALE = "paper" if SIZES == PAPER else ("dry" if DRY else "cpu-small")
 
 
 @dataclass
@@ -278,7 +282,11 @@ def _params():
     scope = os.environ.get("RECTOK_BENCH_SCOPE", "default")
     if scope not in ("summary", "default", "full"):
         raise ValueError(f"RECTOK_BENCH_SCOPE must be summary, default or full, got {scope!r}")
-    if not HAS_CUDA:
+    summary_only = scope == "summary"  # the summary reads only fwd+bwd at B = 256, bf16
+    if DRY:
+        names, dtypes, batches = SUMMARY_OPS, ["bf16"], [2]
+        summary_only = True
+    elif not HAS_CUDA:
         names, dtypes, batches = list(OPS), ["bf16", "fp32"], [2, 8]
     elif scope == "summary":
         names, dtypes, batches = SUMMARY_OPS, ["bf16"], [256]
@@ -293,6 +301,8 @@ def _params():
         for B in sorted(batches, reverse=True):
             for name in names:
                 modes = ["fwd+bwd", "fwd"] if OPS[name][4] else ["fwd"]
+                if summary_only:
+                    modes = modes[:1]
                 for mode in modes:
                     out.append(pytest.param(name, mode, dt, B, id=f"{name}-{mode.replace('+', '')}-{dt}-B{B}"))
     return out
@@ -362,7 +372,7 @@ def _info_common(op, mode, dtype, B, case, copy_bw):
         "dtype": dtype,
         "B": B,
         "shape": case.shape,
-        "scale": "paper" if SIZES == PAPER else "cpu-small",
+        "scale": SCALE,
         "device": copy_bw["device"],
         "bytes": nbytes,
         "bytes_fwd": case.bytes_fwd,
@@ -388,7 +398,7 @@ def test_fused(benchmark, copy_bw, op, mode, dtype, B):
     build, eager, make_fused, backend, _ = OPS[op]
     if time.time() > DEADLINE:
         pytest.skip("the suite's time budget ran out (RECTOK_BENCH_DEADLINE)")
-    if backend == "triton" and not HAS_CUDA:
+    if backend == "triton" and not HAS_CUDA and not DRY:
         pytest.skip(TRITON_SKIP)
     ops, why = import_ops()
     if ops is None:
@@ -412,12 +422,13 @@ def test_fused(benchmark, copy_bw, op, mode, dtype, B):
     run_eager = _runner(eager, case, grad, gouts)
     _record(info, "eager", time_ms(run_eager), peak_mb(run_eager), copy_bw["copy_gbps"])
 
-    if HAS_CUDA:
+    if HAS_CUDA or DRY:
         import torch._dynamo as dynamo
 
         dynamo.reset()
+        info["compile_backend"] = COMPILE_BACKEND
         try:
-            compiled = torch.compile(eager, dynamic=False)
+            compiled = torch.compile(eager, dynamic=False, backend=COMPILE_BACKEND)
             run_compiled = _runner(compiled, case, grad, gouts)
             for _ in range(2):
                 run_compiled()
@@ -443,8 +454,10 @@ def test_fused(benchmark, copy_bw, op, mode, dtype, B):
 @pytest.mark.parametrize("op,mode,dtype,B", [p for p in PARAMS if OPS[p.values[0]][3] == "triton"])
 def test_reference_cpu(benchmark, copy_bw, op, mode, dtype, B):
     """CPU-only: the eager reference of the Triton ops at small sizes (the fused side skips)."""
-    if HAS_CUDA:
-        pytest.skip("CPU-only case: on a GPU the reference is timed beside the fused op in test_fused")
+    if HAS_CUDA or DRY:
+        pytest.skip(
+            "CPU-only case: on a GPU (and in dry runs) the reference is timed beside the fused op in test_fused"
+        )
     build, eager, _, _, _ = OPS[op]
     grad = mode == "fwd+bwd"
     torch.manual_seed(0)

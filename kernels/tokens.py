@@ -8,18 +8,20 @@ goes nowhere); ``restore_tokens`` inserts the mask token for any id outside [0, 
 by the batch (batch stride 0), e.g. RoPE rows.  One program per (b, tile of BLOCK_K tokens) streams
 D in BLOCK_D chunks.
 
-Its backward is a deterministic segment sum (no atomics): the launcher sorts the flat rows
-``m = b*K + k`` of ``grad_out`` by destination row (stable sort) and builds CSR offsets; each program
-owns BLOCK_R destination rows and adds their source rows in sorted order in fp32.  The same
-kernel gives the per-batch ``grad_x``, the batch-summed gradient of a shared table and ``grad_pos``,
-and duplicated ids accumulate correctly.
+Backwards (deterministic: no atomics, no sort, fixed summation orders): ``token_links_kernel``
+links, per batch row, the sources of every destination row in increasing order (``FIRST``: the
+first source, ``NEXT``: the next one; for a permutation ``FIRST`` is the inverse permutation and
+every chain has length one).  ``gather_tokens_bwd_kernel`` is then an inverse-permutation gather
+over (row tile, feature tile, group of batch rows) that writes every destination row (zeros where
+no id points) and/or sums the group's batch rows in fp32 registers (shared tables, ``pos``); the
+launcher sums the groups' partials in a fixed order.  Duplicated ids walk their chain.
 
 ``restore_tokens``: ``out[b, i] = (visible[b, j] if j < K else mask_token) + pos[i]`` with
-``j = ids_restore[b, i]``.  Its backward runs one program per (tile of BLOCK_N positions, tile of
-BLOCK_D features) and loops over the batch: it scatters ``grad_out[b, i]`` to ``grad_visible[b, j]``
-(``ids_restore`` is a permutation, so no two programs write the same row), sums the masked rows
-into one fp32 partial per program (summed by the launcher: deterministic) and the batch into
-``grad_pos`` in fp32 registers.
+``j = ids_restore[b, i]``.  ``restore_tokens_bwd_kernel`` reads ``grad_out`` once, over (position
+tile, feature tile, group of batch rows): ``grad_visible[b, j]`` from the first position of id j
+(plus its duplicates' rows: only a non-permutation has any), zero rows where no position takes a
+visible token, and fp32 register sums of the masked rows and of the batch (``pos``), reduced
+across rows once per program.  Exact for any ids, like the reference's gather.
 """
 
 from __future__ import annotations
@@ -102,51 +104,138 @@ def gather_tokens_fwd_kernel(
 
 
 @triton.jit
-def segment_sum_rows_kernel(
-    SRC,  # grad_out: (B, K, D), strides (stride_sb, stride_sk, stride_sd)
-    ORDER,  # (B*K,) int64: flat source rows m = b*K + k, stably sorted by destination row
-    OFFSETS,  # (R + 1,) int64: dst row r receives ORDER[OFFSETS[r]:OFFSETS[r+1]]
-    DST,  # (R, D) contiguous, written entirely (rows without sources get 0)
+def token_links_kernel(
+    IDS,  # ids: (B, L) int32/int64, strides (stride_ib, stride_il); entries outside [0, R) have no destination
+    FIRST,  # (B, R) int32 contiguous, written entirely: smallest l with ids[b, l] == r, else -1
+    NEXT,  # (B, L) int32 contiguous, written entirely: next l' > l with ids[b, l'] == ids[b, l], else -1
+    FLAGS,  # (B,) int32: bit 0 = row b repeats a destination (some NEXT >= 0); bit 1 = some
+    #         destination in [0, R) has no source (FIRST has a -1).  0: the row is a permutation of 0..R-1.
+    L,
     R,
+    stride_ib,
+    stride_il,
+    SHIFT: tl.constexpr,  # log2(BLOCK_L): a key is (destination << SHIFT) | source
+    KEY64: tl.constexpr,  # int64 keys when (R + 1) << SHIFT does not fit in int32
+    BLOCK_L: tl.constexpr,  # next_power_of_2(L): one program sorts a whole row
+    BLOCK_R: tl.constexpr,  # chunk of FIRST cleared per step
+):
+    """Per batch row, link the sources of every destination in increasing order (a CSR without a
+    global sort): sort the row's (destination, source) keys in registers and compare neighbours.
+
+    For a permutation ``FIRST`` is the inverse permutation and ``NEXT`` is all -1.  Duplicated ids
+    chain up in increasing source order, so walking a chain sums them in the order a stable sort
+    would (deterministic, no atomics).  One program per row: O(L log^2 L) work.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_L)  # (BLOCK_L,) int32
+    pmask = p < L
+    ids = tl.load(IDS + b * stride_ib + p * stride_il, mask=pmask, other=-1)
+    valid = pmask & (ids >= 0) & (ids < R)
+    if KEY64:
+        kt: tl.constexpr = tl.int64
+    else:
+        kt: tl.constexpr = tl.int32
+    dst = tl.where(valid, ids, R).to(kt)  # no destination: sorted after every real one
+    keys = tl.sort((dst << SHIFT) | p.to(kt))
+    kd = keys >> SHIFT  # destinations, ascending
+    ks = (keys & (BLOCK_L - 1)).to(tl.int32)  # their sources, ascending within a destination
+    nb = tl.gather(keys, tl.minimum(p + 1, BLOCK_L - 1), 0)
+    pv = tl.gather(keys, tl.maximum(p - 1, 0), 0)
+    same_next = (p + 1 < BLOCK_L) & ((nb >> SHIFT) == kd) & (kd < R)
+    first = ((p == 0) | ((pv >> SHIFT) != kd)) & (kd < R)
+    tl.store(NEXT + b * L + ks, tl.where(same_next, (nb & (BLOCK_L - 1)).to(tl.int32), -1), mask=ks < L)
+    n_first = tl.sum(first.to(tl.int32), axis=0)
+    tl.store(FLAGS + b, tl.max(same_next.to(tl.int32), axis=0) | tl.where(n_first < R, 2, 0))
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        tl.store(FIRST + b * R + r, tl.full((BLOCK_R,), -1, tl.int32), mask=r < R)
+    tl.debug_barrier()  # the clears above land before the scatter below (same program)
+    tl.store(FIRST + b * R + tl.where(first, kd, 0), ks, mask=first)
+
+
+@triton.jit
+def _walk_chains(v, GO_B, k, NEXT_B, cols, dmask, stride_k, stride_d):
+    """Add to ``v`` (BLOCK, BLOCK_D) the rows ``GO_B[k]`` along the chains ``k -> NEXT_B[k] -> ...``
+    until -1 (rows with ``k < 0`` add nothing): the duplicates of a non-permutation."""
+    while tl.max(k, axis=0) >= 0:
+        live = k >= 0
+        ks = tl.where(live, k, 0).to(tl.int64)
+        g = tl.load(
+            GO_B + ks[:, None] * stride_k + cols[None, :] * stride_d, mask=live[:, None] & dmask[None, :], other=0.0
+        )
+        v += g.to(v.dtype)
+        k = tl.load(NEXT_B + ks, mask=live, other=-1)
+    return v
+
+
+@triton.jit
+def gather_tokens_bwd_kernel(
+    GO,  # grad_out: (B, K, D), strides (stride_gb, stride_gk, stride_gd)
+    FIRST,  # (B, R) int32: first source k of each destination row, -1 if none (token_links_kernel)
+    NEXT,  # (B, K) int32: next source with the same destination, -1 at the end of a chain
+    FLAGS,  # (B,) int32: bit 0 set if row b has duplicated ids (token_links_kernel)
+    DST,  # (B, R, D) contiguous, written entirely (rows without sources get 0); unused unless PER_BATCH
+    PART,  # (G, R, D) fp32/fp64 contiguous: batch sums of each group of rows b; unused unless SUM_BATCH
+    B,
     K,
+    R,
     D,
-    stride_sb,
-    stride_sk,
-    stride_sd,
-    FP64: tl.constexpr,  # accumulate in fp64 (else fp32)
+    b_per_group,  # batch rows per program along axis 2 (G = cdiv(B, b_per_group))
+    stride_gb,
+    stride_gk,
+    stride_gd,
+    PER_BATCH: tl.constexpr,  # write the per-batch gradient DST[b] (x of batch B)
+    SUM_BATCH: tl.constexpr,  # write the group's batch sum (a shared table, pos)
+    FP64: tl.constexpr,
     RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
-    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # (BLOCK_R,)
+    """``grad[b, r] = sum of grad_out[b, k] over ids[b, k] == r``, walking the links (an inverse-
+    permutation gather when the ids are distinct); no sort, no atomics, no zero-fill."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    g = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int32: R < 2**31
     rmask = rows < R
-    start = tl.load(OFFSETS + rows, mask=rmask, other=0)  # (BLOCK_R,)
-    cnt = tl.load(OFFSETS + rows + 1, mask=rmask, other=0) - start  # (BLOCK_R,)
-    max_cnt = tl.max(cnt, axis=0)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     dmask = cols < D
-    if FP64:
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for t in range(0, max_cnt):
-        valid = (t < cnt) & rmask  # (BLOCK_R,)
-        src = tl.load(ORDER + start + t, mask=valid, other=0)  # (BLOCK_R,)
-        sb = src // K
-        sk = src - sb * K
-        g = tl.load(
-            SRC + (sb * stride_sb + sk * stride_sk)[:, None] + cols[None, :] * stride_sd,
-            mask=valid[:, None] & dmask[None, :],
+    m = rmask[:, None] & dmask[None, :]
+    acc_dtype: tl.constexpr = tl.float64 if FP64 else tl.float32
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype)
+    b0 = g.to(tl.int64) * b_per_group  # int64 loop index: b * stride cannot overflow
+    b1 = tl.minimum(b0 + b_per_group, B)
+    # software pipeline: the next batch row's loads are in flight while this one is stored/summed
+    k_n = tl.load(FIRST + b0 * R + rows, mask=rmask, other=-1)
+    v_n = tl.load(
+        GO + b0 * stride_gb + tl.where(k_n >= 0, k_n, 0).to(tl.int64)[:, None] * stride_gk + cols[None, :] * stride_gd,
+        mask=(k_n >= 0)[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    for bb in range(b0, b1):
+        k, v = k_n, v_n.to(acc_dtype)
+        more = bb + 1 < b1
+        k_n = tl.load(FIRST + (bb + 1) * R + rows, mask=rmask & more, other=-1)
+        v_n = tl.load(
+            GO
+            + (bb + 1) * stride_gb
+            + tl.where(k_n >= 0, k_n, 0).to(tl.int64)[:, None] * stride_gk
+            + cols[None, :] * stride_gd,
+            mask=(k_n >= 0)[:, None] & dmask[None, :],
             other=0.0,
         )
-        acc += g.to(acc.dtype)
-    tl.store(
-        DST + rows[:, None] * D + cols[None, :],
-        _cast(acc, DST.dtype.element_ty, RTNE_BF16),
-        mask=rmask[:, None] & dmask[None, :],
-    )
+        if (tl.load(FLAGS + bb) & 1) != 0:  # duplicated ids: add the later duplicates
+            ks = tl.where(k >= 0, k, 0)
+            nk = tl.load(NEXT + bb * K + ks, mask=k >= 0, other=-1)
+            v = _walk_chains(v, GO + bb * stride_gb, nk, NEXT + bb * K, cols, dmask, stride_gk, stride_gd)
+        if PER_BATCH:
+            tl.store(
+                DST + (bb * R + rows)[:, None] * D + cols[None, :], _cast(v, DST.dtype.element_ty, RTNE_BF16), mask=m
+            )
+        if SUM_BATCH:
+            acc += v
+    if SUM_BATCH:
+        tl.store(PART + (g.to(tl.int64) * R + rows)[:, None] * D + cols[None, :], acc, mask=m)
 
 
 # ----------------------------------------------------------------------------- restore
@@ -202,52 +291,113 @@ def restore_tokens_fwd_kernel(
 @triton.jit
 def restore_tokens_bwd_kernel(
     GO,  # grad_out: (B, N, D), strides (stride_gb, stride_gn, stride_gd)
-    IDS,  # ids_restore: (B, N) int32/int64, strides (stride_ib, stride_in); a permutation per row
-    GVIS,  # grad_visible: (B, K, D) contiguous, zero-initialised
-    GMT_PART,  # (n_nblocks, D) fp32/fp64 contiguous: masked-row sums of each N tile
-    GPOS,  # grad_pos: (N, D) contiguous; unused unless HAS_POS
+    IDS,  # ids_restore: (B, N) int32/int64, strides (stride_ib, stride_in)
+    FIRST,  # (B, K) int32: first position i with ids_restore[b, i] == j, -1 if none (token_links_kernel)
+    NEXT,  # (B, N) int32: next position with the same id, -1 at the end of a chain
+    FLAGS,  # (B,) int32: 0 if row b maps positions onto 0..K-1 one-to-one (token_links_kernel)
+    GVIS,  # grad_visible: (B, K, D) contiguous, written entirely (no zero-fill); unused unless WRITE_VIS
+    PART_MT,  # (G, n_nblocks, D) fp32/fp64 contiguous: masked-row sums of each (group, N tile)
+    PART_POS,  # (G, N, D) fp32/fp64 contiguous: batch sums of each group; unused unless HAS_POS
     B,
     K,
     N,
     D,
+    b_per_group,  # batch rows per program along axis 2 (G = cdiv(B, b_per_group))
     stride_gb,
     stride_gn,
     stride_gd,
     stride_ib,
     stride_in,
+    WRITE_VIS: tl.constexpr,
     HAS_POS: tl.constexpr,
     FP64: tl.constexpr,
     RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
+    """One pass over ``grad_out``: program (N tile, D tile, group of batch rows) reads each row once,
+    writes ``grad_visible[b, j]`` from the first position i of id j (plus its duplicates' rows, which
+    only a non-permutation has), zeros the rows of ``grad_visible`` no position refers to (none for a
+    permutation), and accumulates the mask-token and position sums in registers (one cross-row
+    reduction per program, at the end).  Deterministic: fixed loop orders, fp32 partials."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    g = tl.program_id(2)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int32: N < 2**31
     nmask = ns < N
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     dmask = cols < D
     m = nmask[:, None] & dmask[None, :]
-    if FP64:
-        acc_mt = tl.zeros((BLOCK_D,), dtype=tl.float64)
-        acc_pos = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float64)
-    else:
-        acc_mt = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        acc_pos = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for b in range(0, B):
-        j = tl.load(IDS + b * stride_ib + ns * stride_in, mask=nmask, other=0).to(tl.int64)  # (BLOCK_N,)
-        vis = (j >= 0) & (j < K)  # as in the forward: other ids took the mask token
-        j = tl.where(vis, j, 0)
-        g = tl.load(GO + b * stride_gb + ns[:, None] * stride_gn + cols[None, :] * stride_gd, mask=m, other=0.0)
-        tl.store(
-            GVIS + (b * K + j)[:, None] * D + cols[None, :],
-            _cast(g, GVIS.dtype.element_ty, RTNE_BF16),
-            mask=m & vis[:, None],
+    acc_dtype: tl.constexpr = tl.float64 if FP64 else tl.float32
+    acc_mt = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype)
+    acc_pos = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype)
+    jmask = ns < K  # this tile's rows of grad_visible (j = ns): zeroed if nothing refers to them
+    b0 = g.to(tl.int64) * b_per_group  # int64 loop index: b * stride cannot overflow
+    b1 = tl.minimum(b0 + b_per_group, B)
+    # software pipeline: the next batch row's loads are in flight while this one is processed
+    j_n = tl.load(IDS + b0 * stride_ib + ns * stride_in, mask=nmask, other=-1).to(tl.int32)
+    gr_n = tl.load(GO + b0 * stride_gb + ns[:, None] * stride_gn + cols[None, :] * stride_gd, mask=m, other=0.0)
+    for bb in range(b0, b1):
+        j, gr = j_n, gr_n.to(acc_dtype)
+        more = bb + 1 < b1
+        j_n = tl.load(IDS + (bb + 1) * stride_ib + ns * stride_in, mask=nmask & more, other=-1).to(tl.int32)
+        gr_n = tl.load(
+            GO + (bb + 1) * stride_gb + ns[:, None] * stride_gn + cols[None, :] * stride_gd, mask=m & more, other=0.0
         )
-        ga = g.to(acc_pos.dtype)
-        acc_mt += tl.sum(tl.where(vis[:, None], 0.0, ga), axis=0)
+        vis = (j >= 0) & (j < K)  # as in the forward: other ids took the mask token
+        acc_mt += tl.where(vis[:, None], 0.0, gr)
         if HAS_POS:
-            acc_pos += ga
-    tl.store(GMT_PART + pid_n * D + cols, acc_mt, mask=dmask)
+            acc_pos += gr
+        if WRITE_VIS:
+            js = tl.where(vis, j, 0)
+            gv_b = GVIS + bb * K * D
+            if tl.load(FLAGS + bb) == 0:  # a permutation: every visible position is its id's only one
+                tl.store(
+                    gv_b + js.to(tl.int64)[:, None] * D + cols[None, :],
+                    _cast(gr, GVIS.dtype.element_ty, RTNE_BF16),
+                    mask=vis[:, None] & dmask[None, :],
+                )
+            else:  # first positions write their id's row (plus the duplicates'), unused rows get zeros
+                first = vis & (tl.load(FIRST + bb * K + js, mask=vis, other=-1) == ns)
+                nk = tl.load(NEXT + bb * N + ns, mask=first, other=-1)
+                v = _walk_chains(gr, GO + bb * stride_gb, nk, NEXT + bb * N, cols, dmask, stride_gn, stride_gd)
+                tl.store(
+                    gv_b + js.to(tl.int64)[:, None] * D + cols[None, :],
+                    _cast(v, GVIS.dtype.element_ty, RTNE_BF16),
+                    mask=first[:, None] & dmask[None, :],
+                )
+                unused = jmask & (tl.load(FIRST + bb * K + ns, mask=jmask, other=0) < 0)
+                tl.store(
+                    gv_b + ns.to(tl.int64)[:, None] * D + cols[None, :],
+                    tl.zeros((BLOCK_N, BLOCK_D), dtype=GVIS.dtype.element_ty),
+                    mask=unused[:, None] & dmask[None, :],
+                )
+    gi = g.to(tl.int64)
+    tl.store(PART_MT + (gi * tl.num_programs(0) + pid_n) * D + cols, tl.sum(acc_mt, axis=0), mask=dmask)
     if HAS_POS:
-        tl.store(GPOS + ns[:, None] * D + cols[None, :], _cast(acc_pos, GPOS.dtype.element_ty, RTNE_BF16), mask=m)
+        tl.store(PART_POS + (gi * N + ns)[:, None] * D + cols[None, :], acc_pos, mask=m)
+
+
+# ----------------------------------------------------------------------------- partial sums
+
+
+@triton.jit
+def sum_partials_kernel(
+    PART,  # (G, M) fp32/fp64 contiguous: per-group partial sums
+    OUT,  # (M,) contiguous: sum over the G rows in order 0..G-1, cast to OUT's dtype
+    OUT2,  # (M,) contiguous: the same sum in OUT2's dtype; unused unless HAS_OUT2
+    G,
+    M,
+    HAS_OUT2: tl.constexpr,
+    RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
+    BLOCK: tl.constexpr,
+):
+    """Fixed-order reduction of the backwards' batch-group partials and the cast, in one pass."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    msk = cols < M
+    acc = tl.load(PART + cols, mask=msk, other=0.0)
+    for g in range(1, G):
+        acc += tl.load(PART + g * M + cols, mask=msk, other=0.0)
+    tl.store(OUT + cols, _cast(acc, OUT.dtype.element_ty, RTNE_BF16), mask=msk)
+    if HAS_OUT2:
+        tl.store(OUT2 + cols, _cast(acc, OUT2.dtype.element_ty, RTNE_BF16), mask=msk)

@@ -31,6 +31,7 @@ KERNEL_DEVICE = "cuda" if (HAS_CUDA and not INTERPRET) else "cpu"
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda_only: needs a CUDA device")
     config.addinivalue_line("markers", "triton_gpu: runs Triton kernels on a GPU (not the interpreter)")
+    config.addinivalue_line("markers", "gpu_smoke: one case per op, run by gpu_suite.sh's GPU test step")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -123,6 +123,7 @@ def test_low_precision_fa_rule(kernel_device, dtype, D, N):
     assert_fa_rule(out[2], ref_lp[2], ref_32[2], factor=3.0)
 
 
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 def test_non_contiguous(kernel_device):
     B, N, D = 2, 9, 130
     pred = torch.randn(B, D, N, device=kernel_device).transpose(1, 2)  # stride over D is N

@@ -113,6 +113,7 @@ def test_low_precision_fa_rule(kernel_device, dtype):
     assert_fa_rule(dx, ldx, hdx, factor=3.0)
 
 
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 def test_non_contiguous_inputs(kernel_device):
     x1 = torch.randn(3, 6, 5, device=kernel_device).transpose(1, 2)  # (3, 5, 6) non-contiguous
     pred = torch.randn(3, 5, 12, device=kernel_device)[..., ::2]  # (3, 5, 6) strided

@@ -120,6 +120,7 @@ def test_gaussian_kl_low_precision(kernel_device, dtype):
     _assert_low_precision_grad(out[2], ref_lp[2], ref_32[2], kernel_device)
 
 
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 def test_gaussian_kl_non_contiguous_and_mixed_dtypes(kernel_device):
     mean = torch.randn(2, 40, 30, device=kernel_device).transpose(1, 2)
     logvar = (torch.randn(2, 30, 80, device=kernel_device) * 5)[..., ::2]
@@ -280,6 +281,7 @@ def test_kl_align_low_precision(kernel_device, dtype, D, N):
     _assert_low_precision_grad(out[2], ref_lp[2], ref_32[2], kernel_device)
 
 
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 def test_kl_align_non_contiguous(kernel_device):
     B, N, D = 2, 9, 130
     s = torch.randn(B, D, N, device=kernel_device).transpose(1, 2)

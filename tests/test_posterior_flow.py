@@ -55,6 +55,7 @@ def test_seed_matches_reference_on_flow_noise_fp32(kernel_device, shape, gamma, 
     torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 def test_explicit_noise_matches_reference(kernel_device):
     B, N, C = 2, 13, 5
     moments, t = _inputs(B, N, C, kernel_device)

@@ -71,8 +71,15 @@ def _bench_json(meta=META, ops=summarize.OPS, e2e=True, extra=()):
                 },
             }
         )
-        benches.append({"name": "tr", "extra_info": {"case": "ditdh_xl_train_step", "img_s": 500.0, "mfu": 0.41}})
-        benches.append({"name": "sm", "extra_info": {"case": "ditdh_xl_sample", "img_s": 30.0, "mfu": 0.52}})
+        benches.append(
+            {"name": "tr", "extra_info": {"case": "ditdh_xl_train_step", "img_s": 500.0, "mfu": 0.41, "mfu_gemm": 0.5}}
+        )
+        benches.append(
+            {
+                "name": "sm",
+                "extra_info": {"case": "ditdh_xl_sample", "img_s": 30.0, "mfu": 0.52, "mfu_gemm": 0.6, "steps": 50},
+            }
+        )
     benches.extend(extra)
     return {"machine_info": {}, "commit_info": {}, "benchmarks": benches, "rectok_fast": dict(meta)}
 
@@ -83,9 +90,13 @@ def _write(tmp_path, name, data):
     return str(p)
 
 
+ENV = {"ceilings": {"copy_gbps": 4300.0, "gemm_tflops": 790.0}}
+
+
 def test_summary_has_exactly_the_issue_keys_and_copies_numbers():
-    s = summarize.summarize([_bench_json()])
-    assert list(s) == ["device", "commit", "torch", "triton", "copy_gbps", "ops", "end_to_end", "notes"]
+    s = summarize.summarize([_bench_json()], ENV)
+    assert list(s) == ["device", "commit", "torch", "triton", "copy_gbps", "gemm_tflops", "ops", "end_to_end", "notes"]
+    assert s["gemm_tflops"] == 790.0
     assert s["device"] == META["device"] and s["commit"] == META["commit"] and s["copy_gbps"] == 3000.0
     assert list(s["ops"]) == [
         "posterior_flow",
@@ -108,10 +119,25 @@ def test_summary_has_exactly_the_issue_keys_and_copies_numbers():
             "fused_peak_mb": 10000.0,
             "eager_peak_mb": 20000.0,
         },
-        "ditdh_xl_train_step": {"img_s": 500.0, "mfu": 0.41},
-        "ditdh_xl_sample": {"img_s": 30.0, "mfu": 0.52},
+        "ditdh_xl_train_step": {"img_s": 500.0, "mfu": 0.41, "mfu_gemm": 0.5},
+        "ditdh_xl_sample": {"img_s": 30.0, "mfu": 0.52, "mfu_gemm": 0.6, "steps": 50},
     }
     assert s["notes"] == {}
+    assert summarize.summarize([_bench_json()])["notes"]["gemm_tflops"].startswith("no GEMM ceiling")
+
+
+def test_dry_e2e_cases_never_enter_the_summary_and_short_runs_are_noted():
+    data = _bench_json(e2e=True)
+    for b in data["benchmarks"]:
+        if b["extra_info"].get("case") == "ditdh_xl_train_step":
+            b["extra_info"]["scale"] = "dry"
+        if b["extra_info"].get("case") == "ditdh_xl_sample":
+            b["extra_info"].update(steps=12, steps_note="12 of 50 Euler updates: the deadline")
+    s = summarize.summarize([data], ENV)
+    assert s["end_to_end"]["ditdh_xl_train_step"] == dict.fromkeys(summarize.E2E_KEYS["ditdh_xl_train_step"])
+    assert s["end_to_end"]["ditdh_xl_sample"]["steps"] == 12
+    assert "12 of 50" in s["notes"]["end_to_end.ditdh_xl_sample.steps_note"]
+    assert "12 Euler steps" in summarize.readme_table(s)
 
 
 def test_missing_values_are_null_with_a_reason():
@@ -176,7 +202,7 @@ def test_readme_table_is_generated_and_inserted_between_markers(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     # fused 0.1 ms, eager 0.5, compiled 0.2; 270 MB in 0.1 ms = 2700 GB/s; 90 % of the copy
     assert cells[1:] == ["0.100", "0.500", "0.200", "5.00×", "2.00×", "2700", "90"]
-    assert "| 900.0 | 300.0 | 3.00× |" in table and "41.0 %" in table and "52.0 %" in table
+    assert "| 900.0 | 300.0 | 3.00× |" in table and "41.0 % (50.0 %)" in table and "52.0 % (60.0 %)" in table
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{summarize.START}\nold table\n{summarize.END}\nafter\n")

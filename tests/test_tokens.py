@@ -127,6 +127,7 @@ def test_gather_shared_table(kernel_device, x_kind, with_pos):
         _assert_close(a, b, exact=False, what="grad")
 
 
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 def test_gather_duplicate_ids_accumulate(kernel_device):
     B, N, K, D = 2, 5, 12, 7
     x = _leaf(torch.randn(B, N, D, device=kernel_device))
@@ -251,6 +252,7 @@ def test_restore_low_precision_fa_rule(kernel_device, shape, dtype):
         assert_fa_rule(a, b, c, factor=3.0)
 
 
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 def test_restore_noncontiguous_int32_mixed_dtype(kernel_device):
     B, N, K, D = 3, 10, 4, 5
     vis = _leaf(torch.randn(B, D, 2 * K, device=kernel_device))
@@ -296,6 +298,118 @@ def test_restore_only_some_inputs_require_grad(kernel_device):
     torch.testing.assert_close(g_mt, torch.full((D,), float(B * (N - K)), device=kernel_device))
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 3, 5), (2, 150, 40, 3)])
+def test_restore_registered_op_any_ids_matches_reference(kernel_device, shape):
+    """Not a permutation (checks off / under compile): duplicated ids, ids no position takes and
+    out-of-range ids give the reference's forward and backward (grad_visible sums duplicates, is
+    zero for visible tokens nobody takes), deterministically; rows longer than one link tile."""
+    B, N, K, D = shape
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(-2, K + 3, (B, N), generator=gen).to(kernel_device)
+    ids[:, : N // 3] = ids[:, N // 3 : 2 * (N // 3)]  # many repeats, across tiles for N = 150
+    vis = _leaf(torch.randn(B, K, D, dtype=torch.float64, device=kernel_device))
+    mt = _leaf(torch.randn(D, dtype=torch.float64, device=kernel_device))
+    pos = _leaf(torch.randn(N, D, dtype=torch.float64, device=kernel_device))
+    out = restore_tokens_fwd(vis, ids, mt, pos)
+    safe = torch.where((ids >= 0) & (ids < K), ids, K)  # the reference gathers only ids in [0, N)
+    exp = ref.restore_tokens(vis, safe, mt, pos)
+    torch.testing.assert_close(out, exp, rtol=0, atol=0)
+    g = torch.randn(B, N, D, dtype=torch.float64, device=kernel_device)
+    got, want = _grads(out, (vis, mt, pos), g), _grads(exp, (vis, mt, pos), g)
+    for a, b, what in zip(got, want, ("visible", "mask_token", "pos")):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=what)
+    unused = torch.ones(B, K, dtype=torch.bool, device=kernel_device)
+    for b in range(B):
+        unused[b, safe[b][safe[b] < K]] = False
+    assert unused.any() and not got[0][unused].any()  # rows nobody takes are written as zeros
+    again = _grads(restore_tokens_fwd(vis, ids, mt, pos), (vis, mt, pos), g)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.parametrize("L, R", [(6, 3), (6, 6), (13, 40), (300, 256), (64, 1)])
+def test_links_kernel_matches_torch_construction(kernel_device, L, R):
+    """token_links_kernel (one program sorts a row) == the torch.sort construction (used past
+    _MAX_SORT_L): FIRST, NEXT and FLAGS for permutations, repeats (also among ids without a
+    destination), ids without a destination and destinations without an id."""
+    from rectok_fast.ops.tokens import _links, _links_torch
+
+    gen = torch.Generator().manual_seed(L * 1000 + R)
+    rows = [
+        torch.randperm(L, generator=gen),  # distinct; a permutation of 0..R-1 only if L == R
+        torch.randint(-1, R + 2, (L,), generator=gen),
+        torch.where(torch.arange(L) < 2, R + 1, torch.randperm(L, generator=gen)),  # repeats beyond R
+        torch.randint(0, max(1, R // 2), (L,), generator=gen),
+    ]
+    ids = torch.stack(rows).to(kernel_device)
+    got, want = _links(ids, R), _links_torch(ids, R)
+    for a, b, what in zip(got, want, ("FIRST", "NEXT", "FLAGS")):
+        assert torch.equal(a, b), what
+    perm = torch.stack([torch.randperm(R, generator=gen) for _ in range(2)]).to(kernel_device)
+    first, nxt, flags = _links(perm, R)
+    assert not flags.any() and (nxt == -1).all()
+    assert torch.equal(first.long(), torch.argsort(perm, dim=1))  # the inverse permutation
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_restore_rejects_non_permutation(kernel_device, backend, monkeypatch):
+    """Eager functionals refuse an ids_restore row that is not a permutation (in range but repeated);
+    with the checks off the Triton path still equals the reference, gradients included."""
+    B, N, K, D = 2, 6, 3, 4
+    ids = _restore_ids(B, N, kernel_device)
+    ids[1, 0] = ids[1, 1]  # in range, one id twice, one missing
+    vis = _leaf(torch.randn(B, K, D, device=kernel_device))
+    mt = _leaf(torch.randn(D, device=kernel_device))
+    with pytest.raises(ValueError, match=r"`ids_restore` must hold a permutation of 0..5 in every row; row 1"):
+        restore_tokens(vis, ids, mt, backend=backend)
+    monkeypatch.setenv("RECTOK_FAST_CHECK_INDICES", "0")
+    out = restore_tokens(vis, ids, mt, backend=backend)
+    exp = ref.restore_tokens(vis, ids, mt)
+    torch.testing.assert_close(out, exp, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    for a, b in zip(_grads(out, (vis, mt), g), _grads(exp, (vis, mt), g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("op", ["gather_shared", "gather_per_batch_pos", "restore"])
+def test_batch_group_partials(kernel_device, op, monkeypatch):
+    """Several batch groups (the last one short): the fp32 partials summed in a fixed order give the
+    fp64 reference and the same bits on every run."""
+    import rectok_fast.ops.tokens as tok
+
+    monkeypatch.setattr(tok, "_MIN_ROWS_PER_GROUP", 2)
+    B, N, K, D = 7, 9, 5, 6
+    assert triton_groups(tok, B, N, D) == 3
+    pos = _leaf(torch.randn(N, D, device=kernel_device))
+    if op == "restore":
+        ids = _restore_ids(B, N, kernel_device)
+        vis, mt = _leaf(torch.randn(B, K, D, device=kernel_device)), _leaf(torch.randn(D, device=kernel_device))
+        inputs = (vis, mt, pos)
+        run = lambda: restore_tokens(vis, ids, mt, pos, backend="triton")  # noqa: E731
+        ref_fn = lambda v, m, p: ref.restore_tokens(v, ids, m, p)  # noqa: E731
+    else:
+        ids = torch.randint(0, N, (B, K), device=kernel_device)  # repeats within and across rows
+        x = _leaf(torch.randn((N, D) if op == "gather_shared" else (B, N, D), device=kernel_device))
+        inputs = (x, pos)
+        run = lambda: gather_tokens(x, ids, pos, backend="triton")  # noqa: E731
+        ref_fn = lambda xx, p: ref.gather_tokens(xx, ids, p)  # noqa: E731
+    out = run()
+    g = torch.randn_like(out)
+    got = _grads(out, inputs, g)
+    args64 = [a.detach().double().requires_grad_(True) for a in inputs]
+    want = _grads(ref_fn(*args64), args64, g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    again = _grads(run(), inputs, g)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def triton_groups(tok, B: int, N: int, D: int) -> int:
+    import triton
+
+    tiles = triton.cdiv(N, tok._BLOCK_TOKENS) * triton.cdiv(D, tok._block_d(D, tok._BLOCK_D_BWD))
+    return triton.cdiv(B, tok._batch_groups(B, tiles))
+
+
 # ----------------------------------------------------------------------------- opcheck, gradcheck, compile
 
 
@@ -308,21 +422,25 @@ def _opcheck_cases(device):
     vis = torch.randn(B, K, D, device=device, requires_grad=True)
     mt = torch.randn(D, device=device, requires_grad=True)
     ids_r = _restore_ids(B, N, device, torch.int32)
+    ids_dup = torch.tensor([[1, 1, 4], [6, 0, 6]], device=device)
+    ids_r_dup = torch.tensor([[0, 2, 2, 5, 6, 0, 1]] * B, device=device)
     g = torch.randn(B, K, D, device=device)
     gr = torch.randn(B, N, D, device=device)
     return [
         (gather_tokens_fwd, (x, ids, pos)),
         (gather_tokens_fwd, (table, ids, None)),
-        (gather_tokens_bwd, (g, ids, N, False, torch.float32)),
-        (gather_tokens_bwd, (g, ids, N, True, torch.bfloat16)),
+        (gather_tokens_bwd, (g, ids, N, False, True, torch.float32, True, torch.float32)),
+        (gather_tokens_bwd, (g, ids, N, True, True, torch.bfloat16, False, torch.float32)),
+        (gather_tokens_bwd, (g, ids_dup, N, False, True, torch.float32, False, torch.float32)),
         (restore_tokens_fwd, (vis, ids_r, mt, pos)),
         (restore_tokens_fwd, (vis, ids_r, mt, None)),
         (restore_tokens_bwd, (gr, ids_r, K, torch.float32, torch.float32, True, torch.float32)),
         (restore_tokens_bwd, (gr, ids_r, K, torch.float32, torch.float32, False, torch.float32)),
+        (restore_tokens_bwd, (gr, ids_r_dup, K, torch.float32, torch.float32, True, torch.float32)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(kernel_device, case):
     op, args = _opcheck_cases(kernel_device)[case]
     torch.library.opcheck(op, args)

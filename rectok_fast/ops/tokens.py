@@ -6,9 +6,12 @@ Chain: launchers (validate, allocate, launch :mod:`rectok_fast.kernels.tokens`) 
 ``rectok_fast::restore_tokens_fwd/_bwd`` with fake implementations -> ``register_autograd`` ->
 the functionals :func:`gather_tokens` and :func:`restore_tokens`.
 
-Both backwards are deterministic (no atomics): ``gather_tokens`` sorts the destination rows and
-runs a segment sum; ``restore_tokens`` scatters through the permutation and reduces the mask-token
-and position gradients in fp32 (fp64 for fp64 inputs) with a fixed order.
+Both backwards are deterministic (no atomics, no sort): a small kernel links, per batch row, the
+sources of every destination row in increasing order (for a permutation: the inverse permutation,
+chains of length one); ``gather_tokens`` then gathers through it (an inverse-permutation gather,
+summing duplicated ids along their chain), ``restore_tokens`` reads ``grad_out`` once and writes
+``grad_visible`` from each id's first position.  Batch sums (shared tables, ``pos``, the mask
+token) are fp32 (fp64 for fp64 inputs) partials per group of batch rows, summed in a fixed order.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from rectok_fast._validate import (
     check_same_device,
     check_shape,
     check_tensor,
+    data_checks_active,
 )
 from rectok_fast.kernels.tokens import (
+    gather_tokens_bwd_kernel,
     gather_tokens_fwd_kernel,
     restore_tokens_bwd_kernel,
     restore_tokens_fwd_kernel,
-    segment_sum_rows_kernel,
+    sum_partials_kernel,
+    token_links_kernel,
 )
 from rectok_fast.reference import tokens as _ref
 
@@ -40,7 +46,11 @@ __all__ = ["gather_tokens", "restore_tokens"]
 _RTNE_BF16 = triton_interpret()
 _BLOCK_TOKENS = 16  # tokens (rows) per program
 _MAX_BLOCK_D = 256  # feature chunk streamed per loop iteration / per program
-_BLOCK_D_RESTORE_BWD = 64  # restore backward loops over the batch: tile D finer for more programs
+_BLOCK_D_BWD = 128  # the backwards loop over the batch: tile D finer for more programs
+_MAX_SORT_L = 4096  # token_links_kernel sorts a row of up to this many ids in one program
+_TARGET_PROGRAMS = 1024  # ~8 resident programs per SM on a 132-SM GPU for the batch-looping backwards
+_MAX_GRID_Z = 65535  # CUDA's limit on the grid's third axis
+_MIN_ROWS_PER_GROUP = 32  # a group's fp32 partial costs 8 bytes/element: amortise it over >= 32 batch rows
 
 
 def _block_d(D: int, cap: int = _MAX_BLOCK_D) -> int:
@@ -115,8 +125,29 @@ def _check_restore(
     if pos is not None:
         _check_pos(op, pos, N, D)
     if check_range:
-        check_index_range(op, "ids_restore", ids_restore, N)
+        _check_permutation(op, "ids_restore", ids_restore)
     return B, K, N, D
+
+
+def _check_permutation(op: str, name: str, idx: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every row of ``idx`` (B, N) is a permutation of 0..N-1.
+
+    A host sync (one value read back), so it runs only where the eager index checks run
+    (:func:`rectok_fast._validate.data_checks_active`); the error path reads the first bad row.
+    """
+    if not data_checks_active(idx):
+        return
+    N = idx.shape[1]
+    bad = (torch.sort(idx, dim=1).values != torch.arange(N, device=idx.device, dtype=idx.dtype)).any(dim=1)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        row = idx[b]
+        lo, hi = int(row.min()), int(row.max())
+        dup = int(N - torch.unique(row).numel())
+        raise ValueError(
+            f"{op}: `{name}` must hold a permutation of 0..{N - 1} in every row; row {b} is not one "
+            f"(entries in [{lo}, {hi}], {dup} repeated)"
+        )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -161,43 +192,157 @@ def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | Non
     return out
 
 
+def _links(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(FIRST (B, num_rows), NEXT (B, L), FLAGS (B,)) int32 source chains of ``ids`` (B, L); see
+    token_links_kernel.
+
+    Rows longer than ``_MAX_SORT_L`` (one program sorts a whole row in registers) use the same
+    construction with ``torch.sort`` instead (more launches, same result)."""
+    B, L = ids.shape
+    dev = ids.device
+    if B * L == 0:
+        return (
+            torch.full((B, num_rows), -1, device=dev, dtype=torch.int32),
+            torch.empty((B, L), device=dev, dtype=torch.int32),
+            torch.full((B,), 0 if num_rows == 0 else 2, device=dev, dtype=torch.int32),
+        )
+    if L > _MAX_SORT_L:
+        return _links_torch(ids, num_rows)
+    first = torch.empty((B, num_rows), device=dev, dtype=torch.int32)
+    nxt = torch.empty((B, L), device=dev, dtype=torch.int32)
+    flags = torch.empty((B,), device=dev, dtype=torch.int32)
+    bl = triton.next_power_of_2(L)
+    shift = bl.bit_length() - 1
+    token_links_kernel[(B,)](
+        ids,
+        first,
+        nxt,
+        flags,
+        L,
+        num_rows,
+        ids.stride(0),
+        ids.stride(1),
+        SHIFT=shift,
+        KEY64=((num_rows + 1) << shift) >= 2**31,
+        BLOCK_L=bl,
+        BLOCK_R=min(triton.next_power_of_2(max(num_rows, 1)), 1024),
+        num_warps=4 if bl <= 1024 else 8,
+    )
+    return first, nxt, flags
+
+
+def _links_torch(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``token_links_kernel`` in PyTorch ops (stable sort by destination, compare neighbours)."""
+    B, L = ids.shape
+    idx = ids.to(torch.int64)
+    dst = torch.where((idx >= 0) & (idx < num_rows), idx, num_rows)
+    sd, src = torch.sort(dst, dim=1, stable=True)
+    real = sd < num_rows
+    same_next = torch.zeros_like(real)
+    same_next[:, :-1] = (sd[:, 1:] == sd[:, :-1]) & real[:, :-1]
+    first = real.clone()
+    first[:, 1:] &= sd[:, 1:] != sd[:, :-1]
+    nxt_sorted = torch.full_like(src, -1)
+    nxt_sorted[:, :-1] = torch.where(same_next[:, :-1], src[:, 1:], -1)
+    nxt = torch.empty_like(src).scatter_(1, src, nxt_sorted)
+    first_tab = torch.full((B, num_rows + 1), -1, device=ids.device, dtype=torch.int64)
+    first_tab.scatter_(1, torch.where(first, sd, num_rows), torch.where(first, src, -1))
+    flags = same_next.any(dim=1).to(torch.int32) | torch.where(first.sum(dim=1) < num_rows, 2, 0).to(torch.int32)
+    return first_tab[:, :num_rows].to(torch.int32).contiguous(), nxt.to(torch.int32), flags
+
+
+def _sum_partials(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
+    """``out = part.reshape(-1, out.numel()).sum(0)`` (and ``out2``), summed in a fixed order and cast
+    in one kernel; ``part`` contiguous."""
+    M = out.numel()
+    G = part.numel() // M
+    block = 1024
+    sum_partials_kernel[(triton.cdiv(M, block),)](
+        part,
+        out,
+        out if out2 is None else out2,
+        G,
+        M,
+        HAS_OUT2=out2 is not None,
+        RTNE_BF16=_RTNE_BF16,
+        BLOCK=block,
+        num_warps=4,
+    )
+
+
+def _batch_groups(B: int, tiles: int) -> int:
+    """Batch rows per program for a batch-summing backward over ``tiles`` (row, feature) tiles: enough
+    programs to keep the memory system busy (``_TARGET_PROGRAMS``) while the fp32 partials (one
+    (rows, D) slab per group) stay a small fraction of the bytes read."""
+    groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), B // _MIN_ROWS_PER_GROUP, B))
+    return triton.cdiv(B, groups)
+
+
+def _per_batch_rows(B: int) -> int:
+    """Batch rows per program when nothing is summed over the batch: one, unless B exceeds the grid's
+    third axis (65535 programs)."""
+    return triton.cdiv(B, min(B, _MAX_GRID_Z))
+
+
 def _gather_bwd(
-    grad_out: torch.Tensor, ids_keep: torch.Tensor, num_rows: int, shared: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """Segment-sum ``grad_out`` rows into (num_rows, D) if ``shared`` else (B, num_rows, D)."""
+    grad_out: torch.Tensor,
+    ids_keep: torch.Tensor,
+    num_rows: int,
+    shared: bool,
+    need_x: bool,
+    x_dtype: torch.dtype,
+    need_pos: bool,
+    pos_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``gather_tokens``: ``x``'s ((num_rows, D) if ``shared`` else (B, num_rows, D)) and
+    ``pos``'s ((num_rows, D), the batch sum), each (0,) when not requested."""
     B, K, D = grad_out.shape
-    R = num_rows if shared else B * num_rows
-    out_shape = (num_rows, D) if shared else (B, num_rows, D)
-    if B * K == 0 or R * D == 0:
-        return torch.zeros(out_shape, device=grad_out.device, dtype=dtype)
-    keys = ids_keep.to(torch.int64)
-    valid = (keys >= 0) & (keys < num_rows)  # out-of-range ids (zero rows forward) add nowhere
-    if not shared:
-        keys = keys + torch.arange(B, device=keys.device, dtype=torch.int64).unsqueeze(1) * num_rows
-    keys = torch.where(valid, keys, -1)  # sorted before offsets[0]: never summed
-    sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(R + 1, device=keys.device, dtype=torch.int64))
-    dst = torch.empty(out_shape, device=grad_out.device, dtype=dtype)
-    br, bd = _BLOCK_TOKENS, _block_d(D)
-    fp64 = dtype == torch.float64 or grad_out.dtype == torch.float64
-    segment_sum_rows_kernel[(triton.cdiv(R, br), triton.cdiv(D, bd))](
+    dev = grad_out.device
+    x_shape = (num_rows, D) if shared else (B, num_rows, D)
+    per_batch = need_x and not shared
+    sum_batch = need_pos or (need_x and shared)
+    gx = torch.empty(x_shape if need_x else (0,), device=dev, dtype=x_dtype)
+    gpos = torch.empty((num_rows, D) if need_pos else (0,), device=dev, dtype=pos_dtype)
+    if not (need_x or need_pos):
+        return gx, gpos
+    if B * K == 0 or num_rows * D == 0:
+        return gx.zero_(), gpos.zero_()
+    fp64 = torch.float64 in (grad_out.dtype, x_dtype if need_x else None, pos_dtype if need_pos else None)
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    first, nxt, flags = _links(ids_keep, num_rows)
+    bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD)
+    tiles = triton.cdiv(num_rows, bn) * triton.cdiv(D, bd)
+    bpg = _batch_groups(B, tiles) if sum_batch else _per_batch_rows(B)
+    groups = triton.cdiv(B, bpg)
+    part = torch.empty((groups, num_rows, D) if sum_batch else (1,), device=dev, dtype=acc_dtype)
+    dst = gx if per_batch else part  # any valid pointer when PER_BATCH=False
+    gather_tokens_bwd_kernel[(triton.cdiv(num_rows, bn), triton.cdiv(D, bd), groups)](
         grad_out,
-        order,
-        offsets,
+        first,
+        nxt,
+        flags,
         dst,
-        R,
+        part,
+        B,
         K,
+        num_rows,
         D,
+        bpg,
         grad_out.stride(0),
         grad_out.stride(1),
         grad_out.stride(2),
+        PER_BATCH=per_batch,
+        SUM_BATCH=sum_batch,
         FP64=fp64,
         RTNE_BF16=_RTNE_BF16,
-        BLOCK_R=br,
+        BLOCK_N=bn,
         BLOCK_D=bd,
-        num_warps=_num_warps(br, bd),
+        num_warps=_num_warps(bn, bd),
     )
-    return dst
+    if sum_batch:
+        outs = ([gx] if need_x and shared else []) + ([gpos] if need_pos else [])
+        _sum_partials(part, *outs)
+    return gx, gpos
 
 
 def _restore_fwd(
@@ -255,36 +400,42 @@ def _restore_bwd(
     B, N, D = grad_out.shape
     K = num_visible
     dev = grad_out.device
-    # zero-initialised: a valid ids_restore (a permutation) overwrites every row, an invalid one
-    # leaves zeros rather than uninitialised memory
-    g_vis = torch.zeros((B, K, D), device=dev, dtype=visible_dtype)
+    g_vis = torch.empty((B, K, D), device=dev, dtype=visible_dtype)  # written entirely by the kernel
     g_pos = torch.empty((N, D) if has_pos else (0,), device=dev, dtype=pos_dtype)
     fp64 = torch.float64 in (grad_out.dtype, visible_dtype, mask_dtype) or (has_pos and pos_dtype == torch.float64)
     acc_dtype = torch.float64 if fp64 else torch.float32
     if B * N * D == 0:
         if has_pos:
             g_pos.zero_()
-        return g_vis, torch.zeros((D,), device=dev, dtype=mask_dtype), g_pos
-    bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_RESTORE_BWD)
-    n_nblocks = triton.cdiv(N, bn)
-    part = torch.empty((n_nblocks, D), device=dev, dtype=acc_dtype)
-    gv = g_vis if K > 0 else part  # K = 0: every store is masked off; any valid pointer will do
-    gp = g_pos if has_pos else part
-    restore_tokens_bwd_kernel[(n_nblocks, triton.cdiv(D, bd))](
+        return g_vis.zero_(), torch.zeros((D,), device=dev, dtype=mask_dtype), g_pos
+    first, nxt, flags = _links(ids_restore, K)
+    bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD)
+    n_nblocks, n_dblocks = triton.cdiv(N, bn), triton.cdiv(D, bd)
+    bpg = _batch_groups(B, n_nblocks * n_dblocks)
+    groups = triton.cdiv(B, bpg)
+    part_mt = torch.empty((groups, n_nblocks, D), device=dev, dtype=acc_dtype)
+    part_pos = torch.empty((groups, N, D) if has_pos else (1,), device=dev, dtype=acc_dtype)
+    gv = g_vis if K > 0 else part_mt  # K = 0: every store is masked off; any valid pointer will do
+    restore_tokens_bwd_kernel[(n_nblocks, n_dblocks, groups)](
         grad_out,
         ids_restore,
+        first,
+        nxt,
+        flags,
         gv,
-        part,
-        gp,
+        part_mt,
+        part_pos,
         B,
         K,
         N,
         D,
+        bpg,
         grad_out.stride(0),
         grad_out.stride(1),
         grad_out.stride(2),
         ids_restore.stride(0),
         ids_restore.stride(1),
+        WRITE_VIS=K > 0,
         HAS_POS=has_pos,
         FP64=fp64,
         RTNE_BF16=_RTNE_BF16,
@@ -292,7 +443,11 @@ def _restore_bwd(
         BLOCK_D=bd,
         num_warps=_num_warps(bn, bd),
     )
-    return g_vis, part.sum(0).to(mask_dtype), g_pos
+    g_mt = torch.empty((D,), device=dev, dtype=mask_dtype)
+    _sum_partials(part_mt, g_mt)
+    if has_pos:
+        _sum_partials(part_pos, g_pos)
+    return g_vis, g_mt, g_pos
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -311,15 +466,26 @@ def _(x, ids_keep, pos):
 
 @torch.library.custom_op("rectok_fast::gather_tokens_bwd", mutates_args=())
 def gather_tokens_bwd(
-    grad_out: torch.Tensor, ids_keep: torch.Tensor, num_rows: int, shared: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    return _gather_bwd(grad_out, ids_keep, num_rows, shared, dtype)
+    grad_out: torch.Tensor,
+    ids_keep: torch.Tensor,
+    num_rows: int,
+    shared: bool,
+    need_x: bool,
+    x_dtype: torch.dtype,
+    need_pos: bool,
+    pos_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gather_bwd(grad_out, ids_keep, num_rows, shared, need_x, x_dtype, need_pos, pos_dtype)
 
 
 @gather_tokens_bwd.register_fake
-def _(grad_out, ids_keep, num_rows, shared, dtype):
+def _(grad_out, ids_keep, num_rows, shared, need_x, x_dtype, need_pos, pos_dtype):
     B, _, D = grad_out.shape
-    return grad_out.new_empty((num_rows, D) if shared else (B, num_rows, D), dtype=dtype)
+    x_shape = ((num_rows, D) if shared else (B, num_rows, D)) if need_x else (0,)
+    return (
+        grad_out.new_empty(x_shape, dtype=x_dtype),
+        grad_out.new_empty((num_rows, D) if need_pos else (0,), dtype=pos_dtype),
+    )
 
 
 def _gather_setup_context(ctx, inputs, output):
@@ -328,18 +494,23 @@ def _gather_setup_context(ctx, inputs, output):
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ctx.shared = x.dim() == 2 or x.shape[0] == 1
     ctx.pos_shape = None if pos is None else pos.shape
-    ctx.pos_dtype = None if pos is None else pos.dtype
+    ctx.pos_dtype = x.dtype if pos is None else pos.dtype
 
 
 def _gather_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    N = ctx.x_shape[-2]
-    gx = gpos = None
-    if ctx.needs_input_grad[0]:
-        gx = gather_tokens_bwd(grad, ids_keep, N, ctx.shared, ctx.x_dtype).reshape(ctx.x_shape)
-    if ctx.pos_shape is not None and ctx.needs_input_grad[2]:
-        gpos = gather_tokens_bwd(grad, ids_keep, N, True, ctx.pos_dtype).reshape(ctx.pos_shape)
-    return gx, None, gpos
+    need_x = ctx.needs_input_grad[0]
+    need_pos = ctx.pos_shape is not None and ctx.needs_input_grad[2]
+    if not (need_x or need_pos):
+        return None, None, None
+    gx, gpos = gather_tokens_bwd(
+        grad, ids_keep, ctx.x_shape[-2], ctx.shared, need_x, ctx.x_dtype, need_pos, ctx.pos_dtype
+    )
+    return (
+        gx.reshape(ctx.x_shape) if need_x else None,
+        None,
+        gpos.reshape(ctx.pos_shape) if need_pos else None,
+    )
 
 
 gather_tokens_fwd.register_autograd(_gather_backward, setup_context=_gather_setup_context)
@@ -460,16 +631,20 @@ def restore_tokens(
 
     Args:
         visible: (B, K, D) visible tokens.
-        ids_restore: (B, N) int32/int64, each row a permutation of 0..N-1 (N >= K).
+        ids_restore: (B, N) int32/int64, each row a permutation of 0..N-1 (N >= K): position i
+            takes visible token ``ids_restore[b, i]`` if it is < K, else the mask token.
         mask_token: (D,) or (1, 1, D) learned mask token (cast to ``visible``'s dtype).
         pos: optional (N, D) or (1, N, D) position embedding.
         backend: ``"auto"`` (Triton on CUDA, the reference otherwise), ``"triton"`` or ``"reference"``.
 
     Raises:
-        ValueError: naming ``ids_restore`` when an entry is outside [0, N).  This eager check reads
-            the ids back to the host (a device sync); it is skipped under ``torch.compile`` and when
-            the environment variable ``RECTOK_FAST_CHECK_INDICES=0``.  Without it the Triton path
-            inserts the mask token wherever an id is outside [0, K) (negative ones included).
+        ValueError: naming ``ids_restore`` when a row is not a permutation of 0..N-1.  This eager
+            check reads the ids back to the host (a device sync); it is skipped under
+            ``torch.compile`` and when the environment variable ``RECTOK_FAST_CHECK_INDICES=0``.
+            Without it, any ids give the result of the formula above on the Triton path, forward
+            and backward alike: an id outside [0, K) (negative ones included) takes the mask token,
+            and a visible token that several positions take receives the sum of their gradients
+            (one that none takes, zero), as through the reference's gather.
 
     Returns:
         (B, N, D), dtype of ``visible`` (promoted with ``pos``'s).  Gradients reach ``visible``,
