@@ -9,7 +9,7 @@ wrapper stops a pytest run with SIGINT so that its junit file survives.  The who
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -24,16 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
 
 
-def _load(name: str):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-suite = _load("suite")
-bench_attention = _load("bench_attention")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmarks import each other as top-level modules
+suite = importlib.import_module("suite")
+bench_attention = importlib.import_module("bench_attention")
 
 
 def _bench(cases, **meta):
