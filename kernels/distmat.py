@@ -1,14 +1,14 @@
 """Triton kernels for the distance-matrix alignment loss
 ``mean over b, i, j of relu(|cos(s_i, s_j) - cos(t_i, t_j)| - margin)``.
 
-Inputs are the raw rows ``S`` (B, N, D) and ``T`` (B, N, Dt) and their fp32 norms (B, N); rows are
-never normalised in memory: a cosine tile is ``(S_I S_Jᵀ) · r_I r_Jᵀ`` with ``r = 1/max(norm, eps)``,
-the Gram tile computed by ``tl.dot`` over D in ``BLOCK_D`` chunks (fp32 accumulation).  No B·N²
-matrix is ever written:
+Inputs are the raw rows ``S`` (B, N, D) and ``T`` (B, N, Dt); rows are never normalised in memory:
+a cosine tile is ``(S_I S_Jᵀ) · r_I r_Jᵀ`` with ``r = 1/max(norm, eps)``, the Gram tile computed by
+``tl.dot`` over D in ``BLOCK_D`` chunks (fp32 accumulation).  No B·N² matrix is ever written:
 
 * forward: one program per (i-tile, j-tile, sample); tiles with j < i are skipped and those with
   j > i count twice (both cosine matrices are symmetric); each program writes one fp32 partial sum
-  (no atomics, so the result is deterministic);
+  (no atomics, so the result is deterministic).  The row norms are summed from the tiles the dots
+  read (no separate pass over the inputs) and the diagonal tiles write them (B, N) for the backward;
 * backward: with ``G = sign(d)·[|d| > margin]`` (``d = cos_s − cos_t``, symmetric), the gradient
   of the normalised rows is ``dŜ_I = 2·scale·Σ_J G_IJ Ŝ_J`` (``tl.dot`` again), then through the
   normalisation ``dS_i = r_i (dŜ_i − [norm_i ≥ eps]·ŝ_i (ŝ_i·dŜ_i))``.  Programs are persistent (a
@@ -49,9 +49,13 @@ def _gram_tile(
     BLOCK_K: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NORMS: tl.constexpr,
 ):
-    """(BLOCK_I, BLOCK_J) fp32 tile of X_I X_Jᵀ (0 outside the valid rows)."""
+    """(X_I X_Jᵀ (BLOCK_I, BLOCK_J), ‖x_i‖² (BLOCK_I,), ‖x_j‖² (BLOCK_J,)) in fp32, 0 outside the valid
+    rows.  The squared norms (only when NORMS, else zeros) come from the tiles the dot reads anyway."""
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    ss_i = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    ss_j = tl.zeros((BLOCK_J,), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
@@ -63,14 +67,25 @@ def _gram_tile(
             X + rows_j[None, :] * stride_n + k[:, None] * stride_k, mask=k_ok[:, None] & ok_j[None, :], other=0.0
         )
         acc = _dot(a, bt, acc, PREC, UPCAST)
-    return acc
+        if NORMS:
+            a32 = a.to(tl.float32)
+            b32 = bt.to(tl.float32)
+            ss_i += tl.sum(a32 * a32, axis=1)
+            ss_j += tl.sum(b32 * b32, axis=0)
+    return acc, ss_i, ss_j
+
+
+@triton.jit
+def _inv(n, eps):
+    """1/max(norm, eps) (NaN norms stay NaN, as torch's clamp_min)."""
+    return 1.0 / tl.maximum(n, eps, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _inv_norm(NRM, rows, ok, eps):
-    """(norm, 1/max(norm, eps)) of ``rows`` (NaN norms stay NaN)."""
+    """(norm, 1/max(norm, eps)) of ``rows`` read from the saved norms."""
     n = tl.load(NRM + rows, mask=ok, other=1.0)
-    return n, 1.0 / tl.maximum(n, eps, propagate_nan=tl.PropagateNan.ALL)
+    return n, _inv(n, eps)
 
 
 @triton.jit
@@ -101,24 +116,64 @@ def _cos_diff(
     PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr,
     UPCAST_T: tl.constexpr,
+    SAVED_NORMS: tl.constexpr,
 ):
-    """(d = cos_s − cos_t tile (BLOCK_I, BLOCK_J), r_s of the j rows, r_t of the j rows)."""
-    _, rs_j = _inv_norm(NS, rows_j, ok_j, eps)
-    _, rt_j = _inv_norm(NT, rows_j, ok_j, eps)
-    gs = _gram_tile(S, rows_i, rows_j, ok_i, ok_j, D, stride_sn, stride_sd, BLOCK_I, BLOCK_J, BLOCK_D, PREC_S, UPCAST_S)
-    gt = _gram_tile(
-        T, rows_i, rows_j, ok_i, ok_j, DT, stride_tn, stride_td, BLOCK_I, BLOCK_J, BLOCK_DT, PREC_T, UPCAST_T
+    """(d = cos_s − cos_t tile (BLOCK_I, BLOCK_J), r_s of the j rows, r_t of the j rows); the j rows'
+    norms come from ``NS``/``NT`` when ``SAVED_NORMS``, else from the tiles (then also returned)."""
+    gs, ss_i, ss_j = _gram_tile(
+        S,
+        rows_i,
+        rows_j,
+        ok_i,
+        ok_j,
+        D,
+        stride_sn,
+        stride_sd,
+        BLOCK_I,
+        BLOCK_J,
+        BLOCK_D,
+        PREC_S,
+        UPCAST_S,
+        not SAVED_NORMS,
     )
+    gt, tt_i, tt_j = _gram_tile(
+        T,
+        rows_i,
+        rows_j,
+        ok_i,
+        ok_j,
+        DT,
+        stride_tn,
+        stride_td,
+        BLOCK_I,
+        BLOCK_J,
+        BLOCK_DT,
+        PREC_T,
+        UPCAST_T,
+        not SAVED_NORMS,
+    )
+    if SAVED_NORMS:
+        _, rs_j = _inv_norm(NS, rows_j, ok_j, eps)
+        _, rt_j = _inv_norm(NT, rows_j, ok_j, eps)
+        ns_i = rs_i
+        nt_i = rt_i
+    else:
+        ns_i = tl.sqrt(ss_i)
+        nt_i = tl.sqrt(tt_i)
+        rs_i = _inv(ns_i, eps)
+        rt_i = _inv(nt_i, eps)
+        rs_j = _inv(tl.sqrt(ss_j), eps)
+        rt_j = _inv(tl.sqrt(tt_j), eps)
     d = gs * (rs_i[:, None] * rs_j[None, :]) - gt * (rt_i[:, None] * rt_j[None, :])
-    return d, rs_j, rt_j
+    return d, rs_j, rt_j, ns_i, nt_i
 
 
 @triton.jit
 def distmat_fwd_kernel(
     S,  # student: (B, N, D), any float dtype, strides (stride_sb, stride_sn, stride_sd)
     T,  # teacher: (B, N, Dt), any float dtype, strides (stride_tb, stride_tn, stride_td)
-    NS,  # student row norms: (B, N) fp32 contiguous
-    NT,  # teacher row norms: (B, N) fp32 contiguous
+    NS,  # out student row norms: (B, N) fp32 contiguous (written by the diagonal tiles)
+    NT,  # out teacher row norms: (B, N) fp32 contiguous
     PART,  # out partial sums: (B, n_tiles, n_tiles) fp32 contiguous
     N,
     D,
@@ -149,14 +204,15 @@ def distmat_fwd_kernel(
         rows_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
         ok_i = rows_i < N
         ok_j = rows_j < N
-        _, rs_i = _inv_norm(NS + b * N, rows_i, ok_i, eps)
-        _, rt_i = _inv_norm(NT + b * N, rows_i, ok_i, eps)
-        d, _, _ = _cos_diff(
-            S + b * stride_sb, T + b * stride_tb, NS + b * N, NT + b * N,
-            rows_i, rows_j, ok_i, ok_j, rs_i, rt_i, N, D, DT,
+        d, _, _, ns_i, nt_i = _cos_diff(
+            S + b * stride_sb, T + b * stride_tb, NS, NT,
+            rows_i, rows_j, ok_i, ok_j, 0.0, 0.0, N, D, DT,
             stride_sn, stride_sd, stride_tn, stride_td, eps,
-            BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DT, PREC_S, PREC_T, UPCAST_S, UPCAST_T,
+            BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DT, PREC_S, PREC_T, UPCAST_S, UPCAST_T, False,
         )  # fmt: skip
+        if pid_j == pid_i:  # the norms are a by-product of the tiles: one program per row writes them
+            tl.store(NS + b * N + rows_i, ns_i, mask=ok_i)
+            tl.store(NT + b * N + rows_i, nt_i, mask=ok_i)
         x = tl.abs(d) - margin
         term = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
         term = tl.where(ok_i[:, None] & ok_j[None, :], term, 0.0)
@@ -287,11 +343,11 @@ def distmat_bwd_kernel(
         for j0 in range(0, N, BLOCK_J):
             rows_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
             ok_j = rows_j < N
-            d, rs_j, rt_j = _cos_diff(
+            d, rs_j, rt_j, _, _ = _cos_diff(
                 s_b, t_b, NS + b * N, NT + b * N,
                 rows_i, rows_j, ok_i, ok_j, rs_i, rt_i, N, D, DT,
                 stride_sn, stride_sd, stride_tn, stride_td, eps,
-                BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DT, PREC_S, PREC_T, UPCAST_S, UPCAST_T,
+                BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DT, PREC_S, PREC_T, UPCAST_S, UPCAST_T, True,
             )  # fmt: skip
             # d relu(|d| - m) / d d = sign(d) where |d| - m > 0, 0 at NaN (torch: relu'(NaN) = sign(NaN) = 0);
             # NaN rows still reach the gradient through r_J and the rows themselves, as in the reference

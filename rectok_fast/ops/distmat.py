@@ -4,7 +4,8 @@
 Chain: :mod:`rectok_fast.kernels.distmat` (Triton, ``tl.dot`` tiles) ->
 ``rectok_fast::distmat_align_fwd`` / ``rectok_fast::distmat_align_bwd`` (``torch.library.custom_op``
 + fake + autograd) -> :func:`distmat_align_loss` (validation, backend choice).  The forward keeps
-only the fp32 row norms (B, N) of both inputs; no B·N² cosine matrix is written in either pass.
+only the fp32 row norms (B, N) of both inputs (a by-product of its tiles); no B·N² cosine matrix is
+written in either pass.
 """
 
 from __future__ import annotations
@@ -27,21 +28,27 @@ EPS = 1e-8
 FP32_DOT_PRECISION = "ieee"
 
 
-def distmat_tile_config(N: int, D: int, Dt: int) -> dict:
-    """Tile sizes and warps of the distmat kernels for N tokens and feature widths D, Dt.
+def distmat_tile_config(N: int, D: int, Dt: int, dtype_s=torch.bfloat16, dtype_t=torch.bfloat16) -> dict:
+    """Tile sizes and warps of the distmat kernels for N tokens, feature widths D, Dt and the inputs' dtypes.
 
-    Every block is >= 16 (``tl.dot``'s minimum).  A GPU target uses 64×64 cosine tiles and 64-wide
-    feature chunks; the CPU interpreter, where a program costs about the same whatever its size,
-    takes up to 128-row tiles and 256-wide chunks."""
+    Every block is >= 16 (``tl.dot``'s minimum).  A GPU target uses 64×64 cosine tiles, 8 warps and
+    64-wide feature chunks for 16-bit inputs, 32-wide for fp32 (the widest without spills in the
+    compile-only sm_90 report: fp32 tiles take twice the registers and shared memory).  The CPU
+    interpreter, where a program costs about the same whatever its size, takes up to 128-row tiles
+    and 256-wide chunks."""
     interp = triton_interpret()
-    cap_n, cap_d = (128, 256) if interp else (64, 64)
+    cap_n = 128 if interp else 64
+
+    def cap_d(dtype):
+        return 256 if interp else (32 if dtype == torch.float32 else 64)
+
     block_n = max(16, min(cap_n, triton.next_power_of_2(max(N, 1))))
     return {
         "BLOCK_I": block_n,
         "BLOCK_J": block_n,
-        "BLOCK_D": max(16, min(cap_d, triton.next_power_of_2(max(D, 1)))),
-        "BLOCK_DT": max(16, min(cap_d, triton.next_power_of_2(max(Dt, 1)))),
-        "num_warps": 4,
+        "BLOCK_D": max(16, min(cap_d(dtype_s), triton.next_power_of_2(max(D, 1)))),
+        "BLOCK_DT": max(16, min(cap_d(dtype_t), triton.next_power_of_2(max(Dt, 1)))),
+        "num_warps": 8,
     }
 
 
@@ -55,20 +62,20 @@ def _dot_flags(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     return flags
 
 
-def _norms(x: torch.Tensor) -> torch.Tensor:
-    """(B, N) fp32 row norms, accumulated in fp32 without an fp32 copy of ``x`` (NaN/Inf propagate)."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).contiguous()
-
-
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
 def _n_programs(work_items: int, device: torch.device) -> int:
-    """Persistent grid of the backward: a few programs per SM (at most 4 in the interpreter)."""
-    if triton_interpret() or device.type != "cuda":
+    """Persistent grid of the backward: two programs per SM (at most 4 in the interpreter).  Without a
+    visible GPU (the compile-only report) the H100/H200 count of 132 SMs is assumed."""
+    if triton_interpret():
         return max(1, min(work_items, 4))
-    return max(1, min(work_items, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    if device.type == "cuda" and torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 132
+    return max(1, min(work_items, 2 * sms))
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -81,10 +88,11 @@ def distmat_align_fwd(
     """student (B, N, D), teacher (B, N, Dt) -> (loss 0-dim fp32, student norms (B, N) fp32, teacher norms (B, N) fp32)."""
     B, N, D = student.shape
     Dt = teacher.shape[2]
-    ns, nt = _norms(student), _norms(teacher)
+    ns = torch.empty((B, N), dtype=torch.float32, device=student.device)
+    nt = torch.empty((B, N), dtype=torch.float32, device=student.device)
     if B * N == 0:
         return torch.full((), math.nan, dtype=torch.float32, device=student.device), ns, nt
-    cfg = distmat_tile_config(N, D, Dt)
+    cfg = distmat_tile_config(N, D, Dt, student.dtype, teacher.dtype)
     n_tiles = triton.cdiv(N, cfg["BLOCK_I"])
     part = torch.empty((B, n_tiles, n_tiles), dtype=torch.float32, device=student.device)
     distmat_fwd_kernel[(n_tiles, n_tiles, B)](
@@ -130,7 +138,7 @@ def distmat_align_bwd(
     dt = torch.empty((B, N, Dt) if grad_target else (0,), dtype=teacher.dtype, device=teacher.device)
     if B * N == 0:
         return ds, dt
-    cfg = distmat_tile_config(N, D, Dt)
+    cfg = distmat_tile_config(N, D, Dt, student.dtype, teacher.dtype)
     items = B * triton.cdiv(N, cfg["BLOCK_I"])
     nprog = _n_programs(items, student.device)
     acc_s = torch.empty((nprog, cfg["BLOCK_I"], D), dtype=torch.float32, device=student.device)
