@@ -24,6 +24,7 @@ COMMANDS = {
         "rectok_fast.eval.evaluate",
         "PSNR/SSIM of a tokenizer; FID/IS of samples when torch-fidelity/clean-fid are available",
     ),
+    "download": ("rectok_fast.hub", "fetch released weights by name into the Hugging Face cache, print the paths"),
 }
 
 
@@ -61,8 +62,7 @@ def main(argv: list[str] | None = None):
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
     if not trust:
-        module.main(rest)
-        return 0
+        return _call(cmd, module, rest)
     from rectok_fast.utils.checkpoint import trusting_remote_code
 
     print(
@@ -71,7 +71,18 @@ def main(argv: list[str] | None = None):
         file=sys.stderr,
     )
     with trusting_remote_code(True):
+        return _call(cmd, module, rest)
+
+
+def _call(cmd: str, module, rest: list[str]) -> int:
+    """``module.main(rest)``; weights named by something that resolves to nothing: one line, exit 2."""
+    from rectok_fast.hub import PretrainedNotFoundError
+
+    try:
         module.main(rest)
+    except PretrainedNotFoundError as e:
+        print(f"rectok-fast {cmd}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

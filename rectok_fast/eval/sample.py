@@ -1,6 +1,9 @@
 """``rectok-fast sample``: class-conditional samples from a DiT^DH, decoded by the tokenizer.
 
     rectok-fast sample --dit runs/dit --tokenizer runs/tok --out samples/ --num-images 64 --steps 50
+    # the released models by name (fetched into the Hugging Face cache; latent statistics from `rectok-fast stats`):
+    rectok-fast sample --pretrained ditdh-xl-600e --tokenizer rectok-decft --latent-stats tok_stats/ \
+        --guide ditdh-s-30e --scale 1.29 --steps 149 --out samples/
     # the 50k-image FID protocol on 8 GPUs (each rank takes every 8th index; results do not depend on
     # the number of ranks because sample i always uses noise seeded by (seed, i)):
     torchrun --nproc-per-node 8 -m rectok_fast.eval.sample --dit runs/ditdh_xl --tokenizer runs/tok \\
@@ -21,6 +24,7 @@ import os
 import numpy as np
 import torch
 
+from ..hub import resolve_pretrained
 from ..models.loading import load_dit, load_tokenizer
 from ..utils import write_json
 from ..utils.distributed import barrier, cleanup, init_distributed
@@ -87,10 +91,13 @@ def generate(
 def run_sample(args: argparse.Namespace) -> dict:
     info = init_distributed(args.device)
     dev = info.device
-    dit = load_dit(args.dit).to(dev).eval()
-    tok = load_tokenizer(args.tokenizer).to(dev).eval()
-    guide = load_dit(args.guide_model).to(dev).eval() if args.guide_model else None
-    guidance = None if args.guidance == "none" else args.guidance
+    dit = load_dit(resolve_pretrained(args.dit, "dit")).to(dev).eval()
+    tok = load_tokenizer(resolve_pretrained(args.tokenizer, "tokenizer")).to(dev).eval()
+    if args.latent_stats:
+        tok.set_latent_stats(*read_latent_stats(args.latent_stats))
+    guide = load_dit(resolve_pretrained(args.guide_model, "dit")).to(dev).eval() if args.guide_model else None
+    guidance = args.guidance or ("autoguidance" if guide is not None else "none")
+    guidance = None if guidance == "none" else guidance
     classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(dit.num_classes))
     all_idx = list(range(args.num_images))
     mine = all_idx[info.rank :: info.world_size]
@@ -150,20 +157,64 @@ def run_sample(args: argparse.Namespace) -> dict:
     return res
 
 
+def read_latent_stats(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latent_mean`` / ``latent_std`` from the ``stats.json`` of ``rectok-fast stats`` (or its directory)."""
+    import json
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "stats.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sample --latent-stats: no stats file at {path!r} (run `rectok-fast stats` first)")
+    with open(path) as f:
+        d = json.load(f)
+    if "latent_mean" not in d or "latent_std" not in d:
+        raise ValueError(f"sample --latent-stats: {path!r} has no latent_mean / latent_std")
+    return torch.tensor(d["latent_mean"], dtype=torch.float32), torch.tensor(d["latent_std"], dtype=torch.float32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rectok-fast sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dit", required=True, help="DiT^DH run dir / export dir / checkpoint / official .pth")
-    p.add_argument("--tokenizer", required=True, help="tokenizer run dir / export dir (with latent stats) / checkpoint")
+    p.add_argument(
+        "--dit",
+        "--pretrained",
+        dest="dit",
+        required=True,
+        help="the DiT^DH: a released name (ditdh-xl-600e, ditdh-xl-80e, ditdh-s-30e), a hub repo id "
+        "(ORG/NAME[/file][@rev]), a run dir, an export dir or a checkpoint (rectok-fast download --list)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="the tokenizer: a released name (rectok, rectok-decft), a hub repo id, a run dir, an export dir "
+        "(with latent stats) or a checkpoint",
+    )
+    p.add_argument(
+        "--latent-stats",
+        default=None,
+        help="stats.json written by `rectok-fast stats` (or its directory): the tokenizer's latent mean/std "
+        "(the released tokenizers ship none)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--classes", default=None, help="comma-separated class ids (default: all, balanced)")
     p.add_argument("--steps", type=int, default=50, help="solver updates (the paper's 150-point grid is 149)")
     p.add_argument("--method", default="euler", choices=["euler", "heun", "euler_maruyama", "sde"])
-    p.add_argument("--guidance", default="none", choices=["none", "cfg", "autoguidance"])
+    p.add_argument(
+        "--guidance",
+        default=None,
+        choices=["none", "cfg", "autoguidance"],
+        help="default: autoguidance when --guide is given, else none",
+    )
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--guide-model", default=None, help="the weaker DiT for autoguidance")
+    p.add_argument(
+        "--guide-model",
+        "--guide",
+        dest="guide_model",
+        default=None,
+        help="the weaker DiT for autoguidance, in the forms of --dit (released: ditdh-s-30e)",
+    )
     p.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"))
     p.add_argument("--shift", type=float, default=None, help="time-grid shift (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -472,20 +472,69 @@ class DiTDH(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, *, device: torch.device | str | None = None, **overrides
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        filename: str | None = None,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        use_ema: bool = True,
+        trust_remote_code: bool | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        **overrides,
     ) -> DiTDH:
-        """Load what :meth:`save_pretrained` wrote; returns the model in eval mode."""
-        from safetensors.torch import load_file
+        """A DiT^DH in eval mode from, in this order of precedence:
 
-        with open(os.path.join(directory, "config.json")) as f:
-            raw = json.load(f)
-        names = {f.name for f in fields(DiTDHConfig)}
-        cfg = DiTDHConfig(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
-        sd = load_file(os.path.join(directory, "model.safetensors"), device=str(device or "cpu"))
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval()
+        1. a local path: a :meth:`save_pretrained` directory, a training run directory or a checkpoint
+           file (an official ``.pth``: EMA weights when ``use_ema``);
+        2. a registry name: ``ditdh-xl-80e``, ``ditdh-xl-600e``, ``ditdh-s-30e`` (the released models;
+           see :data:`rectok_fast.hub.REGISTRY`);
+        3. a Hugging Face hub repository id (``filename=``, ``revision=``): one of our exports
+           (``config.json`` + ``model.safetensors``) or a file in it; ``QingyuShi/RecTok`` alone is
+           ``ditdhxl_epoch_0599.pth``.
+
+        Hub files go through the ``huggingface_hub`` cache (``cache_dir`` or ``HF_HUB_CACHE``;
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``: the cache only).  Checkpoints are read with
+        ``weights_only=True`` (:mod:`rectok_fast.models.loading`; ``trust_remote_code`` is the opt-in).
+        ``device`` / ``dtype``: where and in what precision the model ends up; ``overrides`` replace
+        configuration fields (exports and checkpoint files)::
+
+            dit = DiTDH.from_pretrained("ditdh-xl-600e", device="cuda", dtype=torch.bfloat16)
+        """
+        from ..hub import load_pretrained
+
+        def load_export(path: str) -> DiTDH:
+            from safetensors.torch import load_file
+
+            with open(os.path.join(path, "config.json")) as f:
+                raw = json.load(f)
+            if raw.get("model_type", "ditdh") != "ditdh":
+                raise ValueError(f"DiTDH.from_pretrained: {path} holds a {raw['model_type']!r} model, not a DiT^DH")
+            names = {f.name for f in fields(DiTDHConfig)}
+            cfg = DiTDHConfig(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
+            sd = load_file(os.path.join(path, "model.safetensors"), device=str(device or "cpu"))
+            with torch.device("meta"):
+                model = cls(cfg)
+            model.load_state_dict(sd, strict=True, assign=True)
+            return model
+
+        return load_pretrained(
+            cls,
+            "dit",
+            name_or_path,
+            load_export,
+            filename=filename,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            use_ema=use_ema,
+            trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            overrides=overrides,
+        )
 
 
 # ----------------------------------------------------------------------------- config inference

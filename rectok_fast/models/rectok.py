@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -120,6 +121,10 @@ class RecTokConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid**2
+
+
+class DefaultLatentStatsWarning(UserWarning):
+    """:meth:`RecTok.detokenize` on a tokenizer whose latent statistics were never set."""
 
 
 class Mask(NamedTuple):
@@ -438,13 +443,38 @@ class RecTok(nn.Module):
         return z.transpose(1, 2).reshape(z.shape[0], C, self.grid, self.grid)
 
     def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, C, g, g) or (B, N, C) -> images (B, 3, H, W) in [0, 1]."""
+        """Normalised latents (B, C, g, g) or (B, N, C) -> images (B, 3, H, W) in [0, 1].
+
+        Warns (:class:`DefaultLatentStatsWarning`) while the latent statistics are still the defaults."""
+        if not torch.compiler.is_compiling():
+            self._warn_if_default_stats()
+        return self._decode_normalised(tokens)
+
+    def _decode_normalised(self, tokens: torch.Tensor) -> torch.Tensor:
         z = self.denormalize(self._tokens(tokens))
         return torch.clamp(self.decoder(z) * 0.5 + 0.5, 0.0, 1.0)
 
+    def _warn_if_default_stats(self) -> None:
+        """One host read per state of the stats buffers (rechecked only after they change)."""
+        m, s = self.latent_mean, self.latent_std
+        if m.is_meta or s.is_meta:
+            return
+        key = (m.data_ptr(), m._version, s.data_ptr(), s._version)
+        if getattr(self, "_stats_checked", None) == key:
+            return
+        self._stats_checked = key
+        if bool((m == 0).all()) and bool((s == 1).all()):
+            warnings.warn(
+                "RecTok.detokenize: the latent statistics are the defaults (mean 0, std 1), so latents of a DiT "
+                "trained on normalised latents decode wrongly; compute them with `rectok-fast stats` (the released "
+                "checkpoints ship none) or call set_latent_stats(mean, std)",
+                DefaultLatentStatsWarning,
+                stacklevel=3,
+            )
+
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        return self.detokenize(self.tokenize(images))
+        return self._decode_normalised(self.tokenize(images))  # the statistics cancel: no warning
 
     # ---------------------------------------------------------------- teachers
 
@@ -687,21 +717,70 @@ class RecTok(nn.Module):
         save_file(sd, os.path.join(directory, "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> RecTok:
-        """Load what :meth:`save_pretrained` wrote; returns the model in eval mode."""
-        from safetensors.torch import load_file
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        filename: str | None = None,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        use_ema: bool = True,
+        trust_remote_code: bool | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        **overrides: Any,
+    ) -> RecTok:
+        """A RecTok in eval mode from, in this order of precedence:
 
-        with open(os.path.join(directory, "config.json")) as f:
-            cfg = json.load(f)
-        if cfg.pop("model_type", "rectok") != "rectok":
-            raise ValueError(f"RecTok.from_pretrained: {directory} does not hold a RecTok model")
-        for key in ("encoder", "decoder", "sem_decoder"):
-            if isinstance(cfg.get(key), list):
-                cfg[key] = tuple(cfg[key])
-        cfg.update(overrides)
-        model = cls(RecTokConfig(**cfg))
-        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-        return model.eval()
+        1. a local path: a :meth:`save_pretrained` directory, a training run directory or a checkpoint
+           file (an official ``.pth``: EMA weights when ``use_ema``);
+        2. a registry name: ``rectok`` or ``rectok-decft`` (the released tokenizers; see
+           :data:`rectok_fast.hub.REGISTRY`);
+        3. a Hugging Face hub repository id (``filename=``, ``revision=``): one of our exports
+           (``config.json`` + ``model.safetensors``) or a file in it; ``QingyuShi/RecTok`` alone is
+           ``RecTok.pth``.
+
+        Hub files go through the ``huggingface_hub`` cache (``cache_dir`` or ``HF_HUB_CACHE``;
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``: the cache only).  Checkpoints are read with
+        ``weights_only=True`` (:mod:`rectok_fast.models.loading`; ``trust_remote_code`` is the opt-in).
+        ``device`` / ``dtype``: where and in what precision the model ends up; ``overrides`` replace
+        configuration fields (exports and checkpoint files).  The released files hold no latent
+        statistics: set them (``rectok-fast stats``, :meth:`set_latent_stats`) before generating::
+
+            tok = RecTok.from_pretrained("rectok-decft", device="cuda")
+        """
+        from ..hub import load_pretrained
+
+        def load_export(path: str) -> RecTok:
+            from safetensors.torch import load_file
+
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = json.load(f)
+            if cfg.pop("model_type", "rectok") != "rectok":
+                raise ValueError(f"RecTok.from_pretrained: {path} does not hold a RecTok model")
+            for key in ("encoder", "decoder", "sem_decoder"):
+                if isinstance(cfg.get(key), list):
+                    cfg[key] = tuple(cfg[key])
+            model = cls(RecTokConfig(**{**cfg, **overrides}))
+            model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+            return model
+
+        return load_pretrained(
+            cls,
+            "tokenizer",
+            name_or_path,
+            load_export,
+            filename=filename,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            use_ema=use_ema,
+            trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            overrides=overrides,
+        )
 
 
 def _init_weights(module: nn.Module) -> None:
