@@ -17,6 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "ConvNeXtLogitLoss",
+    "LPIPS",
+    "MissingWeightsError",
+    "PatchGANDiscriminator",
+    "PerceptualLoss",
+    "TokenizerLoss",
+    "TokenizerLossOutput",
+    "hinge_d_loss",
+    "hinge_g_loss",
+]
+
 VGG16_FILE = "vgg16-397923af.pth"
 CONVNEXT_S_FILE = "convnext_small-0c510722.pth"
 LPIPS_LIN_FILE = "vgg.pth"
