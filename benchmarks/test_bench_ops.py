@@ -470,3 +470,95 @@ def test_reference_cpu(benchmark, copy_bw, op, mode, dtype, B):
     info.update(fused_ms=None, fused_skip=TRITON_SKIP, compiled_ms=None, compiled_skip=TRITON_SKIP)
     benchmark.extra_info.update(info)
     assert info["eager_ms"] > 0
+
+
+# ---------------------------------------------------------------- distmat_align_loss (compute-bound: FLOP/s)
+# VA-VAE's distance-matrix term: two B·N²·D Gram computations per pass, so the cases report FLOP/s
+# against the dense bf16 matrix rate (common.PEAK_BF16_TFLOPS, and the GEMM ceiling measured in the
+# same suite run when there is one) besides bytes.  FLOPs are the minimal useful count for all three
+# implementations (symmetric forward, no tile padding: distmat_align_flops(...)["minimum"]); the
+# fused kernels' own count (tile padding included) is recorded as ``flops_kernel`` (a prediction).
+
+DISTMAT_MARGIN = 0.25  # VA-VAE's distance-matrix margin
+
+
+def _distmat_params():
+    if DRY:
+        return [pytest.param("fwd+bwd", "bf16", 2, id="distmat_align_loss-fwdbwd-bf16-B2")]
+    batches = [256] if HAS_CUDA else [2]
+    modes = ["fwd+bwd", "fwd"] if os.environ.get("RECTOK_BENCH_SCOPE", "default") != "summary" else ["fwd+bwd"]
+    return [
+        pytest.param(mode, dt, B, id=f"distmat_align_loss-{mode.replace('+', '')}-{dt}-B{B}")
+        for dt in ("bf16", "fp32")
+        for B in batches
+        for mode in modes
+    ]
+
+
+@pytest.mark.parametrize("mode,dtype,B", _distmat_params())
+def test_distmat_align_loss(benchmark, copy_bw, mode, dtype, B):
+    from common import mfu_both
+
+    if time.time() > DEADLINE:
+        pytest.skip("the suite's time budget ran out (RECTOK_BENCH_DEADLINE)")
+    if not HAS_CUDA and not DRY:
+        pytest.skip(TRITON_SKIP)
+    ops, why = import_ops()
+    if ops is None or not hasattr(ops, "distmat_align_loss"):
+        pytest.skip(why or "rectok_fast.ops.distmat_align_loss is not available")
+    from rectok_fast.ops.distmat import distmat_align_flops
+
+    grad = mode == "fwd+bwd"
+    dt = DTYPES[dtype]
+    N, D = SIZES.N, SIZES.D  # student projected to the teacher width, as in VA-VAE (D = Dt)
+    s = torch.finfo(dt).bits // 8
+    torch.manual_seed(0)
+    student = torch.randn(B, N, D, device=DEVICE, dtype=dt, requires_grad=grad)
+    teacher = torch.randn(B, N, D, device=DEVICE, dtype=dt)
+    bnd = B * N * D
+    # fwd: read both inputs; bwd: read both again (and the norms), write dstudent
+    case = Case((student, teacher), [student], 2 * bnd * s + 8 * B * N, 3 * bnd * s + 8 * B * N,
+                f"student/teacher ({B}, {N}, {D})", True)  # fmt: skip
+    eager = lambda a, b: ref.distmat_align_loss(a, b, DISTMAT_MARGIN)  # noqa: E731
+    fused = lambda a, b: ops.distmat_align_loss(a, b, DISTMAT_MARGIN, backend="triton")  # noqa: E731
+    info = _info_common("distmat_align_loss", mode, dtype, B, case, copy_bw)
+    fl = distmat_align_flops(B, N, D, D, backward=grad)
+    info.update(flops=fl["minimum"], flops_kernel=fl["flops"], flops_kernel_label="prediction", margin=DISTMAT_MARGIN)
+    info["fused_backend"] = _check_fused(fused, eager, case, "triton")
+    gouts = _grad_outs_for(eager, case) if grad else None
+
+    run_fused = _runner(fused, case, grad, gouts)
+    t_fused = benchmark.pedantic(lambda: time_ms(run_fused), rounds=1, iterations=1, warmup_rounds=0)
+    _record(info, "fused", t_fused, peak_mb(run_fused), copy_bw["copy_gbps"])
+    run_eager = _runner(eager, case, grad, gouts)
+    _record(info, "eager", time_ms(run_eager), peak_mb(run_eager), copy_bw["copy_gbps"])
+
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    info["compile_backend"] = COMPILE_BACKEND
+    try:
+        compiled = torch.compile(eager, dynamic=False, backend=COMPILE_BACKEND)
+        run_compiled = _runner(compiled, case, grad, gouts)
+        for _ in range(2):
+            run_compiled()
+        _record(info, "compiled", time_ms(run_compiled), peak_mb(run_compiled), copy_bw["copy_gbps"])
+    except Exception as e:  # a compiler failure is a result to report, not a benchmark failure
+        info["compiled_ms"] = None
+        info["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    for name in ("fused", "eager", "compiled"):
+        ms = info.get(f"{name}_ms")
+        if ms:
+            m = mfu_both(info["flops"], ms * 1e-3)
+            info[f"{name}_tflops"] = m["tflops"]
+            info[f"{name}_frac_bf16_peak"] = m["mfu"]
+            info[f"{name}_frac_gemm"] = m["mfu_gemm"]
+    info["peak_tflops"] = mfu_both(1.0, 1.0)["peak_tflops"]
+    info["frac_copy_bw"] = info.get("fused_frac_copy_bw")
+    if info.get("eager_ms"):
+        info["speedup_vs_eager"] = info["eager_ms"] / info["fused_ms"]
+    if info.get("compiled_ms"):
+        info["speedup_vs_compiled"] = info["compiled_ms"] / info["fused_ms"]
+    benchmark.extra_info.update(info)
+    assert info["fused_ms"] > 0
