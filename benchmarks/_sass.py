@@ -157,12 +157,14 @@ class PyFor:
     line: int
     end_line: int
     func: str  # enclosing function name
-    args: tuple  # source text of range() args, or () when not a range()
+    args: tuple  # source text of range() args, or () when not a range() (a while loop, an iterator)
+    local_defs: tuple = ()  # (name, source) of the simple assignments before the loop in its function
 
 
 @functools.cache
 def for_loops(path: str) -> tuple[PyFor, ...]:
-    """Every ``for`` statement of a Python file with its enclosing function and range() args."""
+    """Every ``for`` / ``while`` statement of a Python file with its enclosing function, range() args
+    and the function's simple assignments that precede it (to evaluate bounds such as ``b0, b1``)."""
     try:
         src = open(path).read()
         tree = ast.parse(src)
@@ -170,39 +172,89 @@ def for_loops(path: str) -> tuple[PyFor, ...]:
         return ()
     out = []
 
-    def visit(node, func):
+    def visit(node, func, assigns):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                visit(child, child.name)
+                visit(child, child.name, [])
                 continue
-            if isinstance(child, ast.For):
-                it = child.iter
+            if isinstance(child, ast.Assign) and len(child.targets) == 1 and isinstance(child.targets[0], ast.Name):
+                assigns.append((child.targets[0].id, ast.get_source_segment(src, child.value)))
+            if isinstance(child, (ast.For, ast.While)):
                 args = ()
+                it = getattr(child, "iter", None)
                 if isinstance(it, ast.Call) and getattr(it.func, "id", getattr(it.func, "attr", "")) in (
                     "range",
                     "static_range",
                 ):
                     args = tuple(ast.get_source_segment(src, a) for a in it.args)
-                out.append(PyFor(path, child.lineno, child.end_lineno or child.lineno, func, args))
-            visit(child, func)
+                end = child.end_lineno or child.lineno
+                out.append(PyFor(path, child.lineno, end, func, args, tuple(assigns)))
+            visit(child, func, assigns)
 
-    visit(tree, "")
+    visit(tree, "", [])
     return tuple(out)
+
+
+class _Env(dict):
+    """Names for evaluating a loop bound: launch arguments, then the kernel's earlier assignments
+    (evaluated for program 0, ``tl.program_id`` = 0), ``tl.minimum``/``maximum``/``cdiv``."""
+
+    def __init__(self, values: dict, local_defs: tuple):
+        super().__init__(values)
+        self.local_defs = dict(local_defs)
+        self.busy: set = set()
+
+    def __missing__(self, key):
+        if key in self.local_defs and key not in self.busy:
+            self.busy.add(key)
+            try:
+                v = _eval_expr(self.local_defs[key], self)
+            finally:
+                self.busy.discard(key)
+            self[key] = v
+            return v
+        raise KeyError(key)
+
+
+class _TL:
+    int64 = int32 = int16 = int8 = uint32 = float32 = float64 = None
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def program_id(self, axis=0):
+        return 0
+
+    def num_programs(self, axis=0):
+        return self.grid[axis]
+
+    minimum = staticmethod(min)
+    maximum = staticmethod(max)
+
+    @staticmethod
+    def cdiv(a, b):
+        return -(-a // b)
+
+
+def _eval_expr(src: str, env: dict):
+    src = re.sub(r"\.to\([^()]*\)", "", src)
+    return eval(src, {"__builtins__": {}, "min": min, "max": max}, env)  # noqa: S307 - kernel source text
 
 
 def eval_trip(loop: PyFor, kernel_name: str, values: dict, hints: dict) -> tuple[float | None, str]:
     """Trip count of ``loop`` given the launch's argument values (names -> ints/constexprs).
 
-    Returns (trip, how): ``how`` is "args" (computed from the arguments), "hint" (a data-dependent
-    bound estimated by the report's op description), or "unknown" (trip None)."""
+    Returns (trip, how): ``how`` is "args" (computed from the arguments and the kernel's earlier
+    assignments, for program 0), "hint" (a data-dependent bound estimated by the report's op
+    description), or "unknown" (trip None: a while loop or a bound read from memory)."""
     if len(loop.args) in (1, 2, 3):
-        env = {"__builtins__": {}, "min": min, "max": max}
-        env.update(values)
+        vals = {k: v for k, v in values.items() if not k.startswith("__")}
+        env = _Env(vals, loop.local_defs)
+        env["tl"] = _TL(values.get("__grid__", (1, 1, 1)))
         try:
-            vals = [eval(a, env) for a in loop.args]  # noqa: S307 - kernel source text, names are launch args
-            vals = [int(v.value if hasattr(v, "value") else v) for v in vals]
-            r = range(*vals)
-            return float(len(r)), "args"
+            bounds = [_eval_expr(a, env) for a in loop.args]
+            bounds = [int(v.value if hasattr(v, "value") else v) for v in bounds]
+            return float(len(range(*bounds))), "args"
         except Exception:
             pass
         for a in loop.args:
@@ -284,21 +336,44 @@ def analyze_sass(
         for f, _ in x.frames:
             if f not in fors_by_file and _is_repo_file(f):
                 fors_by_file[f] = for_loops(f)
+    # a SASS loop is the Python loop whose line appears among its instructions closest to the
+    # outermost frame (a helper's while inlined into a for body sits one frame deeper than the for)
     for lp in loops:
-        inner = set()
-        for c in lp.children:
-            inner.update(range(loops[c].start, loops[c].end + 1))
-        counts: dict[PyFor, int] = {}
+        best: dict[PyFor, tuple] = {}
         for i in range(lp.start, lp.end + 1):
-            if i in inner:
-                continue
-            for f, line in ins[i].frames:
+            fr = ins[i].frames
+            for depth_from_inner, (f, line) in enumerate(fr):
+                depth = len(fr) - 1 - depth_from_inner
                 for pf in fors_by_file.get(f, ()):
                     if pf.line == line:
-                        counts[pf] = counts.get(pf, 0) + 1
-        if counts:
-            lp.pyfor = max(counts, key=lambda p: (counts[p], p.line))
+                        d, c = best.get(pf, (depth, 0))
+                        best[pf] = (min(d, depth), c + 1)
+        if best:
+            lp.pyfor = min(best, key=lambda p: (best[p][0], -(p.end_line - p.line), -best[p][1]))
             lp.trip, lp.how = eval_trip(lp.pyfor, kernel_name, values, hints)
+    # several back edges of one Python loop: overlapping ones are one loop (a loop with several
+    # latches), disjoint ones are copies (an unrolled main loop + its remainder) that share the trips
+    # in proportion to their body sizes (total ~ trips x the smallest body)
+    groups: dict[PyFor, list[Loop]] = {}
+    for lp in loops:
+        if lp.pyfor is not None:
+            groups.setdefault(lp.pyfor, []).append(lp)
+    merged: list[Loop] = [lp for lp in loops if lp.pyfor is None]
+    for pf, lps in groups.items():
+        lps.sort(key=lambda lp: lp.start)
+        runs: list[Loop] = []
+        for lp in lps:
+            if runs and lp.start <= runs[-1].end:
+                runs[-1].end = max(runs[-1].end, lp.end)
+            else:
+                runs.append(Loop(lp.start, lp.end, pf, lp.trip, lp.how))
+        if len(runs) > 1 and runs[0].trip is not None:
+            smallest = min(r.end - r.start + 1 for r in runs)
+            for r in runs:
+                r.trip = runs[0].trip * smallest / (r.end - r.start + 1) / len(runs)
+                r.how += f" (shared by {len(runs)} copies of the loop)"
+        merged += runs
+    loops = sorted(merged, key=lambda lp: (lp.start, -lp.end))
 
     # cold regions: library loops (no Python for) skipped by a forward conditional branch
     cold = [False] * n

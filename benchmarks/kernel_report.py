@@ -581,6 +581,7 @@ def analyze_launch(launch, kc: KernelCache, elements: int, hints: dict | None) -
     k = launch["compiled"]
     sass, res = kc.sass_of(k)
     vals = _arg_values(launch)
+    vals["__grid__"] = tuple(launch["grid"])
     h = _hints_for(launch, hints)
     sa = _sass.analyze_sass(sass, launch["name"], vals, h)
     ptx = _sass.parse_ptxas_log(launch.get("ptxas_log") or "")
