@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -28,6 +29,7 @@ from rectok_fast.hub import REGISTRY, PretrainedNotFoundError, resolve_pretraine
 from rectok_fast.models.ditdh import DiTDH, DiTDHConfig
 from rectok_fast.models.rectok import DefaultLatentStatsWarning, RecTok, RecTokConfig
 
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 REPO = "QingyuShi/RecTok"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OLD_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -53,7 +55,7 @@ def _tiny_rectok(seed: int) -> RecTok:
 def _tiny_dit(seed: int, width: int = 32) -> DiTDH:
     torch.manual_seed(seed)
     cfg = DiTDHConfig(
-        in_channels=4, input_size=2, hidden_size=(width, 48), depth=(1, 1), num_heads=(2, 2), num_classes=3
+        in_channels=4, input_size=2, hidden_size=(width, 48), depth=(1, 1), num_heads=(2, 2), num_classes=1000
     )
     m = DiTDH(cfg).eval()
     with torch.no_grad():  # the official init zeroes adaLN and the output: make the velocity non-trivial
@@ -387,6 +389,40 @@ def test_sample_command_unknown_name_is_one_line(released, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "ditdh-xl-601e" in err and "known names: " in err
+
+
+def test_readme_released_section_runs(released, tmp_path, monkeypatch, capsys):
+    """The README's "Sample from the released models" as written, on the tiny offline cache: ``download``,
+    ``stats`` on the tokenizer path it printed (embedded images instead of ImageNet), ``sample`` with
+    the statistics, then the Python block; with the statistics set nothing warns about defaults."""
+    text = README.read_text()
+    section = text[text.index("<!-- released:start -->") : text.index("<!-- released:end -->")]
+    bash = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "rectok-fast download rectok-decft ditdh-xl-600e ditdh-s-30e" in bash
+    assert '--tokenizer "$(rectok-fast download rectok-decft)"' in bash and "--out tok_stats" in bash
+    assert "--pretrained ditdh-xl-600e --tokenizer rectok-decft --latent-stats tok_stats" in bash
+    assert "--guide ditdh-s-30e" in bash
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["download", "rectok-decft", "ditdh-xl-600e", "ditdh-s-30e"]) == 0
+    tok_path = capsys.readouterr().out.split()[0]
+    stats = ["stats", "--tokenizer", tok_path, "--data", "embedded", "--max-images", "4", "--batch-size", "4"]
+    assert cli.main([*stats, "--out", "tok_stats", "--device", "cpu"]) == 0
+    saved = json.loads((tmp_path / "tok_stats" / "stats.json").read_text())
+    assert len(saved["latent_mean"]) == 4 and saved["latent_std"] != [1.0] * 4
+    assert not list(released["cache"].rglob("stats.json"))  # nothing written into the hub cache
+    sample = ["sample", "--pretrained", "ditdh-xl-600e", "--tokenizer", "rectok-decft", "--latent-stats", "tok_stats"]
+    sample += ["--guide", "ditdh-s-30e", "--scale", "1.29", "--steps", "2", "--num-images", "2", "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DefaultLatentStatsWarning)
+        assert cli.main([*sample, "--out", "samples/released"]) == 0
+        # the export `stats` wrote is a tokenizer that carries the statistics
+        assert cli.main([*sample[:4], "tok_stats", *sample[7:], "--npz", "--out", "s2"]) == 0
+        scope: dict = {}
+        exec(compile(code, "README.md[released]", "exec"), scope)
+    assert tuple(scope["images"].shape) == (4, 3, 32, 32)
+    assert torch.equal(scope["tok"].latent_mean, torch.tensor(saved["latent_mean"]))
+    assert _same_weights(scope["guide"], released["models"]["ditdh-s-30e"])
 
 
 # ----------------------------------------------------------------------------- default latent statistics
