@@ -293,7 +293,8 @@ def _normalise_backward(
     tl.debug_barrier()  # ACC is overwritten by this program's next work item
 
 
-@triton.jit
+# B (a last, smaller batch) is a loop bound only: never a reason to recompile
+@triton.jit(do_not_specialize=["B"])
 def distmat_bwd_kernel(
     S,  # student: (B, N, D), strides (stride_sb, stride_sn, stride_sd)
     T,  # teacher: (B, N, Dt), strides (stride_tb, stride_tn, stride_td)

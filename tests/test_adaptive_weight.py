@@ -99,3 +99,13 @@ def test_errors():
         adaptive_weight(loss, (other * 3).sum(), W)
     with pytest.raises(TypeError, match="`scale`"):
         adaptive_weight(loss, loss, W, scale="1")
+
+
+def test_host_read_free():
+    """Once per step in a GAN/VF trainer: no device value is read back to the host."""
+    from test_no_sync import no_host_reads
+
+    dec, enc, main, aux = _tiny_model()
+    with no_host_reads() as seen:
+        adaptive_weight(main, aux, dec.weight, 0.5)
+    assert seen == []

@@ -269,6 +269,18 @@ def test_compile_fullgraph(kernel_device):
         torch.testing.assert_close(x, y)
 
 
+def test_host_read_free(kernel_device):
+    """Forward + backward of the functional and the module never read device values back (no syncs)."""
+    from test_no_sync import no_host_reads
+
+    s = torch.randn(2, 16, 32, device=kernel_device, requires_grad=True)
+    t = torch.randn(2, 16, 24, device=kernel_device, requires_grad=True)
+    with no_host_reads() as seen:
+        distmat_align_loss(s, t, 0.1, grad_target=True, backend="triton").backward()
+        DistMatAlignLoss(0.1, backend="triton")(s, t).backward()
+    assert seen == []
+
+
 def test_margin_validation():
     s, t = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     for bad in (-0.1, math.nan, math.inf):
