@@ -142,8 +142,10 @@ step attention 35 "$PY" benchmarks/bench_attention.py $([ "$MODE" = dry ] && ech
     --deadline "$(deadline_in $((S - 8)))" --out "$OUT/attention.json"
 
 # 7. GPU test subset: cuda_only + one gpu_smoke case per op; SIGINT at the deadline keeps junit.xml
+# per-test limit when pytest-timeout is there (auto-loaded by its entry point; `-p pytest_timeout`
+# would register it a second time)
 PYTEST_TIMEOUT=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(-p pytest_timeout --timeout=60)
+[ -z "${PYTEST_DISABLE_PLUGIN_AUTOLOAD:-}" ] && "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout=60)
 step tests 60 --int "${PYTEST[@]}" tests -m "cuda_only or gpu_smoke" --maxfail=25 "${PYTEST_TIMEOUT[@]}" \
     --junitxml="$OUT/junit.xml"
 

@@ -199,7 +199,9 @@ def report_lines(d: str, steps_path: str) -> list[str]:
             L.append(f"{name}: missing (step failed, skipped or out of time)")
             continue
         note = f"; {e['steps_note']}" if e.get("steps_note") else ""
-        err = "; " + "; ".join(f"{k}: {e[k][:120]}" for k in ("compile_error", "fused_compile_error") if e.get(k))
+        err = "; " + "; ".join(
+            f"{k}: {e[k][:120]}" for k in ("compile_error", "fused_compile_error", "compile_note") if e.get(k)
+        )
         err = "" if err == "; " else err
         if name == "tokenizer_train_step":
             L.append(

@@ -119,7 +119,7 @@ def _e2e_entry(name: str, cases: list[dict], notes: dict) -> dict:
         entry[k] = chosen.get(k)
         if entry[k] is None:
             notes[f"end_to_end.{name}.{k}"] = "not recorded by the case"
-    for err in ("compile_error", "fused_compile_error", "steps_note"):
+    for err in ("compile_error", "fused_compile_error", "steps_note", "compile_note"):
         if chosen.get(err):
             notes[f"end_to_end.{name}.{err}"] = chosen[err]
     return entry
