@@ -354,34 +354,19 @@ def test_sample_command_resolves_names(released, tmp_path):
         assert cli.main(argv) == 0
     got = np.load(out / "samples.npz")["arr_0"]
     models = released["models"]
-    y = torch.tensor([0, 1, 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DefaultLatentStatsWarning)
-        want = generate(
-            models["ditdh-xl-600e"],
-            models["rectok-decft"],
-            [0, 1],
-            y[:2],
-            steps=2,
-            guidance="autoguidance",
-            scale=1.5,
-            guide_model=models["ditdh-s-30e"],
-        )
-    np.testing.assert_array_equal(got[:2], to_uint8_hwc(want))
+
+    def by_hand(guide: str) -> np.ndarray:  # the first batch (indices 0, 1; balanced labels 0, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DefaultLatentStatsWarning)
+            dit, tok, g = models["ditdh-xl-600e"], models["rectok-decft"], models[guide]
+            imgs = generate(
+                dit, tok, [0, 1], torch.tensor([0, 1]), steps=2, guidance="autoguidance", scale=1.5, guide_model=g
+            )
+        return to_uint8_hwc(imgs)
+
+    np.testing.assert_array_equal(got[:2], by_hand("ditdh-s-30e"))
     # a different guide gives different images: the guide really is the S model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DefaultLatentStatsWarning)
-        other = generate(
-            models["ditdh-xl-600e"],
-            models["rectok-decft"],
-            [0, 1],
-            y[:2],
-            steps=2,
-            guidance="autoguidance",
-            scale=1.5,
-            guide_model=models["ditdh-xl-80e"],
-        )
-    assert not np.array_equal(got[:2], to_uint8_hwc(other))
+    assert not np.array_equal(got[:2], by_hand("ditdh-xl-80e"))
 
 
 def test_sample_command_unknown_name_is_one_line(released, tmp_path, capsys):
