@@ -232,6 +232,15 @@ def _snapshot_commit(path: str) -> str | None:
     return None
 
 
+def is_released_file(path: str) -> bool:
+    """Whether ``path`` is a registry entry's checkpoint in a hub cache (``models--ORG--NAME/snapshots/<commit>/FILE``)."""
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) < 4 or parts[-3] != "snapshots" or not parts[-4].startswith("models--"):
+        return False
+    repo_id = parts[-4][len("models--") :].replace("--", "/", 1)
+    return any(e.repo_id == repo_id and e.filename == parts[-1] for e in REGISTRY.values())
+
+
 def _fetch_export(repo_id, *, revision, cache_dir, local_files_only, label) -> str:
     """``config.json`` + ``model.safetensors`` of one commit; returns their snapshot directory."""
     kw = dict(cache_dir=cache_dir, local_files_only=local_files_only, label=label)
@@ -378,8 +387,8 @@ def load_pretrained(
     """The body of ``RecTok.from_pretrained`` / ``DiTDH.from_pretrained`` (``cls``, ``kind``).
 
     Resolves ``name_or_path`` (:func:`resolve_pretrained`), then loads a ``save_pretrained`` directory with
-    ``load_export(path)`` (the class's own format), a checkpoint file with ``cls.from_official`` when
-    there are config ``overrides``, and anything else (checkpoint files, run directories) with
+    ``load_export(path)`` (the class's own format), a released file (or any checkpoint file when there
+    are config ``overrides``) with ``cls.from_official``, and anything else (checkpoint files, run directories) with
     :func:`rectok_fast.models.loading.load_tokenizer` / ``load_dit``; then ``device`` / ``dtype``."""
     from .models import loading
 
@@ -388,7 +397,9 @@ def load_pretrained(
     )
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         model = load_export(path)
-    elif overrides:
+    elif overrides or is_released_file(path):
+        # a released file straight to from_official: DiTDH's memory-maps it, so whatever else the
+        # checkpoint holds (the raw weights, optimizer state) is never read into memory
         if os.path.isdir(path):
             raise ValueError(
                 f"{cls.__name__}.from_pretrained: config overrides need an export or a checkpoint file, not {path}"

@@ -201,6 +201,22 @@ def test_from_pretrained_by_registry_name(released):
     assert torch.equal(raw.x_embedder.proj.weight, models["ditdh-s-30e"].x_embedder.proj.weight + 1.0)
 
 
+def test_released_files_go_straight_to_from_official(released, monkeypatch, tmp_path):
+    """A released file skips the generic loaders (which read the whole checkpoint to sniff its kind)."""
+    from rectok_fast.models import loading
+
+    def refuse(*a, **k):
+        raise AssertionError("generic loader used for a released file")
+
+    monkeypatch.setattr(loading, "load_dit", refuse)
+    monkeypatch.setattr(loading, "load_tokenizer", refuse)
+    assert _same_weights(DiTDH.from_pretrained("ditdh-s-30e"), released["models"]["ditdh-s-30e"])
+    assert _same_weights(RecTok.from_pretrained(f"{REPO}/RecTok.pth"), released["models"]["rectok"])
+    shutil.copy(released["snapshot"] / "ditdhs_epoch_0029.pth", tmp_path / "copy.pth")
+    with pytest.raises(AssertionError, match="generic loader"):  # a local checkpoint may be ours: sniffed
+        DiTDH.from_pretrained(tmp_path / "copy.pth")
+
+
 def test_from_pretrained_device_and_dtype(released):
     for cls, name in ((RecTok, "rectok"), (DiTDH, "ditdh-s-30e")):
         m = cls.from_pretrained(name, device="cpu", dtype=torch.bfloat16)
