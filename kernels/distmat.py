@@ -11,10 +11,13 @@ a cosine tile is ``(S_I S_Jᵀ) · r_I r_Jᵀ`` with ``r = 1/max(norm, eps)``, t
   read (no separate pass over the inputs) and the diagonal tiles write them (B, N) for the backward;
 * backward: with ``G = sign(d)·[|d| > margin]`` (``d = cos_s − cos_t``, symmetric), the gradient
   of the normalised rows is ``dŜ_I = 2·scale·Σ_J G_IJ Ŝ_J`` (``tl.dot`` again), then through the
-  normalisation ``dS_i = r_i (dŜ_i − [norm_i ≥ eps]·ŝ_i (ŝ_i·dŜ_i))``.  Programs are persistent (a
-  fixed grid loops over the (sample, i-tile) work items); each owns a ``BLOCK_I × D`` fp32 slice of
-  a scratch buffer where it accumulates ``Σ_J G_IJ Ŝ_J`` over the j-tiles, so the scratch is
-  ``programs × BLOCK_I × D`` whatever B is.
+  normalisation ``dS_i = r_i (dŜ_i − [norm_i ≥ eps]·ŝ_i (ŝ_i·dŜ_i))``, where ``ŝ_i·dŜ_i`` is
+  ``2·scale·Σ_j G_ij cos_s[i, j]``, a row sum of the cosine tiles.  Programs are persistent (a fixed
+  grid loops over the (sample, i-tile) work items).  Pass 1 of a work item computes the cosine tiles
+  of its rows against every j-tile and writes the weights ``G_IJ r_J`` (``BLOCK_I × N``, in the
+  input dtype: what the tensor cores take) to the program's slice of a scratch buffer; pass 2 walks
+  D in chunks, ``tl.dot``-ing the weights with the raw j rows into a register accumulator, and writes
+  the gradient.  The scratch is ``programs × BLOCK_I × N`` whatever B and D are.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def _inv_norm(NRM, rows, ok, eps):
 
 
 @triton.jit
-def _cos_diff(
+def _cos_tiles(
     S,
     T,
     NS,
@@ -118,8 +121,8 @@ def _cos_diff(
     UPCAST_T: tl.constexpr,
     SAVED_NORMS: tl.constexpr,
 ):
-    """(d = cos_s − cos_t tile (BLOCK_I, BLOCK_J), r_s of the j rows, r_t of the j rows); the j rows'
-    norms come from ``NS``/``NT`` when ``SAVED_NORMS``, else from the tiles (then also returned)."""
+    """(cos_s tile, cos_t tile (BLOCK_I, BLOCK_J), r_s and r_t of the j rows, norms of the i rows); the
+    norms come from ``NS``/``NT`` when ``SAVED_NORMS``, else from the tiles."""
     gs, ss_i, ss_j = _gram_tile(
         S,
         rows_i,
@@ -164,8 +167,9 @@ def _cos_diff(
         rt_i = _inv(nt_i, eps)
         rs_j = _inv(tl.sqrt(ss_j), eps)
         rt_j = _inv(tl.sqrt(tt_j), eps)
-    d = gs * (rs_i[:, None] * rs_j[None, :]) - gt * (rt_i[:, None] * rt_j[None, :])
-    return d, rs_j, rt_j, ns_i, nt_i
+    cs = gs * (rs_i[:, None] * rs_j[None, :])
+    ct = gt * (rt_i[:, None] * rt_j[None, :])
+    return cs, ct, rs_j, rt_j, ns_i, nt_i
 
 
 @triton.jit
@@ -204,7 +208,7 @@ def distmat_fwd_kernel(
         rows_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
         ok_i = rows_i < N
         ok_j = rows_j < N
-        d, _, _, ns_i, nt_i = _cos_diff(
+        cs, ct, _, _, ns_i, nt_i = _cos_tiles(
             S + b * stride_sb, T + b * stride_tb, NS, NT,
             rows_i, rows_j, ok_i, ok_j, 0.0, 0.0, N, D, DT,
             stride_sn, stride_sd, stride_tn, stride_td, eps,
@@ -213,7 +217,7 @@ def distmat_fwd_kernel(
         if pid_j == pid_i:  # the norms are a by-product of the tiles: one program per row writes them
             tl.store(NS + b * N + rows_i, ns_i, mask=ok_i)
             tl.store(NT + b * N + rows_i, nt_i, mask=ok_i)
-        x = tl.abs(d) - margin
+        x = tl.abs(cs - ct) - margin
         term = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
         term = tl.where(ok_i[:, None] & ok_j[None, :], term, 0.0)
         partial = tl.sum(tl.sum(term, axis=1), axis=0) * tl.where(pid_j > pid_i, 2.0, 1.0)
@@ -221,76 +225,55 @@ def distmat_fwd_kernel(
 
 
 @triton.jit
-def _accumulate_rows(
-    ACC,  # this program's scratch slice: (BLOCK_I, K) fp32 contiguous
-    X,  # one sample's rows: (N, K), strides (stride_n, stride_k)
-    w,  # (BLOCK_I, BLOCK_J) fp32 weights of the j rows
-    rows_j,
-    ok_j,
-    j0,  # first row of the j-tile: the tile at j0 = 0 overwrites ACC instead of adding to it
-    K,
-    stride_n,
-    stride_k,
-    BLOCK_I: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """ACC (+)= w @ X_J over K in BLOCK_K chunks (overwrites when ``j0 == 0``)."""
-    ii = tl.arange(0, BLOCK_I).to(tl.int64)
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < K
-        xj = tl.load(
-            X + rows_j[:, None] * stride_n + k[None, :] * stride_k, mask=ok_j[:, None] & k_ok[None, :], other=0.0
-        )
-        ptr = ACC + ii[:, None] * K + k[None, :]
-        acc = tl.load(ptr, mask=k_ok[None, :] & (j0 > 0), other=0.0)
-        acc = _dot(w.to(xj.dtype), xj, acc, PREC, UPCAST)
-        tl.store(ptr, acc, mask=k_ok[None, :])
-    # the next read of ACC may come from other threads of this program: make the stores visible
-    tl.debug_barrier()
-
-
-@triton.jit
-def _normalise_backward(
-    ACC,  # this program's scratch slice: (BLOCK_I, K) fp32, Σ_J G_IJ x̂_J
+def _row_gradient(
+    W,  # this program's weights: (BLOCK_I, N_PAD) in X's dtype, W_ij = G_ij r_j (0 past N)
     X,  # one sample's rows: (N, K), strides (stride_n, stride_k)
     DX,  # out: one sample's gradient (N, K) contiguous, X's dtype
     rows_i,
     ok_i,
     n_i,  # (BLOCK_I,) fp32 norms
     r_i,  # (BLOCK_I,) fp32 1/max(norm, eps)
+    p_i,  # (BLOCK_I,) fp32 Σ_j G_ij cos_ij = x̂_i · Σ_j G_ij x̂_j
     coef,  # fp32 scalar: 2 · grad / (B N²), sign included
     eps,
+    N,
+    N_PAD,
     K,
     stride_n,
     stride_k,
     BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """DX_i = coef · r_i (a_i − [n_i ≥ eps] x̂_i (x̂_i · a_i)) with a = ACC, x̂ = r·x."""
+    """DX_i = coef · r_i (Σ_j W_ij x_j − [n_i ≥ eps] r_i p_i x_i), one BLOCK_K chunk of the row at a time.
+
+    That is ``d/dx_i`` of the normalisation ``x̂ = x / max(‖x‖, eps)`` applied to ``dx̂_i = coef Σ_j G_ij x̂_j``:
+    ``r_i (dx̂_i − x̂_i (x̂_i · dx̂_i))``, where ``x̂_i · dx̂_i = coef p_i`` comes from the cosine tiles, so
+    the row-wide dot product needs no second pass (a norm clamped at eps has no gradient)."""
     ii = tl.arange(0, BLOCK_I).to(tl.int64)
+    jj = tl.arange(0, BLOCK_J).to(tl.int64)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    xa = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        msk = ok_i[:, None] & (k < K)[None, :]
-        x = tl.load(X + rows_i[:, None] * stride_n + k[None, :] * stride_k, mask=msk, other=0.0).to(tl.float32)
-        a = tl.load(ACC + ii[:, None] * K + k[None, :], mask=msk, other=0.0)
-        xa += tl.sum(x * a, axis=1)
-    # x̂ (x̂·a) = x · r² (x·a); a norm clamped at eps has no gradient (clamp_min's backward)
-    proj = tl.where(n_i >= eps, r_i * r_i * xa, 0.0)
+    proj = tl.where(n_i >= eps, r_i * p_i, 0.0)
     cr = coef * r_i
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
-        msk = ok_i[:, None] & (k < K)[None, :]
-        x = tl.load(X + rows_i[:, None] * stride_n + k[None, :] * stride_k, mask=msk, other=0.0).to(tl.float32)
-        a = tl.load(ACC + ii[:, None] * K + k[None, :], mask=msk, other=0.0)
-        dx = cr[:, None] * (a - proj[:, None] * x)
+        k_ok = k < K
+        acc = tl.zeros((BLOCK_I, BLOCK_K), dtype=tl.float32)
+        for j0 in range(0, N, BLOCK_J):
+            rows_j = j0 + jj
+            w = tl.load(W + ii[:, None] * N_PAD + rows_j[None, :])
+            xj = tl.load(
+                X + rows_j[:, None] * stride_n + k[None, :] * stride_k,
+                mask=(rows_j < N)[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            acc = _dot(w, xj, acc, PREC, UPCAST)
+        msk = ok_i[:, None] & k_ok[None, :]
+        xi = tl.load(X + rows_i[:, None] * stride_n + k[None, :] * stride_k, mask=msk, other=0.0).to(tl.float32)
+        dx = cr[:, None] * (acc - proj[:, None] * xi)
         tl.store(DX + rows_i[:, None] * K + k[None, :], dx.to(DX.dtype.element_ty), mask=msk)
-    tl.debug_barrier()  # ACC is overwritten by this program's next work item
 
 
 # B (a last, smaller batch) is a loop bound only: never a reason to recompile
@@ -301,12 +284,13 @@ def distmat_bwd_kernel(
     NS,  # student row norms: (B, N) fp32 contiguous
     NT,  # teacher row norms: (B, N) fp32 contiguous
     SCALE,  # 0-dim fp32: 2 · grad_loss / (B N²)
-    ACCS,  # scratch: (programs, BLOCK_I, D) fp32
-    ACCT,  # scratch: (programs, BLOCK_I, Dt) fp32 (used only when GRAD_TARGET)
+    WS,  # scratch: (programs, BLOCK_I, N_PAD) in the student's dtype
+    WT,  # scratch: (programs, BLOCK_I, N_PAD) in the teacher's dtype (used only when GRAD_TARGET)
     DS,  # out dstudent: (B, N, D) contiguous, student's dtype
     DTG,  # out dteacher: (B, N, Dt) contiguous, teacher's dtype (written only when GRAD_TARGET)
     B,
     N,
+    N_PAD,  # N rounded up to BLOCK_J
     D,
     DT,
     stride_sb,
@@ -330,38 +314,48 @@ def distmat_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     nprog = tl.num_programs(0)
     n_i_tiles = tl.cdiv(N, BLOCK_I)
-    acc_s = ACCS + pid * BLOCK_I * D
-    acc_t = ACCT + pid * BLOCK_I * DT
+    ii = tl.arange(0, BLOCK_I).to(tl.int64)
+    w_s = WS + pid * BLOCK_I * N_PAD
+    w_t = WT + pid * BLOCK_I * N_PAD
     coef = tl.load(SCALE).to(tl.float32)
     for item in range(pid, B * n_i_tiles, nprog):
         b = item // n_i_tiles
-        rows_i = (item % n_i_tiles) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+        rows_i = (item % n_i_tiles) * BLOCK_I + ii
         ok_i = rows_i < N
         s_b = S + b * stride_sb
         t_b = T + b * stride_tb
         ns_i, rs_i = _inv_norm(NS + b * N, rows_i, ok_i, eps)
         nt_i, rt_i = _inv_norm(NT + b * N, rows_i, ok_i, eps)
+        # pass 1: G_IJ = sign(d)·[|d| > margin] for every j-tile -> weights W_IJ = G_IJ r_J (scratch) and
+        # the projections p_i = Σ_j G_ij cos_ij
+        p_s = tl.zeros((BLOCK_I,), dtype=tl.float32)
+        p_t = tl.zeros((BLOCK_I,), dtype=tl.float32)
         for j0 in range(0, N, BLOCK_J):
             rows_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
             ok_j = rows_j < N
-            d, rs_j, rt_j, _, _ = _cos_diff(
+            cs, ct, rs_j, rt_j, _, _ = _cos_tiles(
                 s_b, t_b, NS + b * N, NT + b * N,
                 rows_i, rows_j, ok_i, ok_j, rs_i, rt_i, N, D, DT,
                 stride_sn, stride_sd, stride_tn, stride_td, eps,
                 BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DT, PREC_S, PREC_T, UPCAST_S, UPCAST_T, True,
             )  # fmt: skip
+            d = cs - ct
             # d relu(|d| - m) / d d = sign(d) where |d| - m > 0, 0 at NaN (torch: relu'(NaN) = sign(NaN) = 0);
-            # NaN rows still reach the gradient through r_J and the rows themselves, as in the reference
+            # NaN rows still reach the gradient through r_J, cos and the rows themselves, as in the reference
             g = tl.where(tl.abs(d) - margin > 0.0, tl.where(d > 0.0, 1.0, -1.0), 0.0)
             g = tl.where(ok_i[:, None] & ok_j[None, :], g, 0.0)
-            # ŝ_J = r_J s_J: fold r_J into the weights, read the raw rows
-            _accumulate_rows(acc_s, s_b, g * rs_j[None, :], rows_j, ok_j, j0, D, stride_sn, stride_sd,
-                             BLOCK_I, BLOCK_D, PREC_S, UPCAST_S)  # fmt: skip
+            w_ptr = ii[:, None] * N_PAD + rows_j[None, :]
+            p_s += tl.sum(g * cs, axis=1)
+            tl.store(w_s + w_ptr, (g * rs_j[None, :]).to(WS.dtype.element_ty))  # ŝ_J = r_J s_J: raw rows later
             if GRAD_TARGET:
-                _accumulate_rows(acc_t, t_b, g * rt_j[None, :], rows_j, ok_j, j0, DT, stride_tn, stride_td,
-                                 BLOCK_I, BLOCK_DT, PREC_T, UPCAST_T)  # fmt: skip
-        _normalise_backward(acc_s, s_b, DS + b * N * D, rows_i, ok_i, ns_i, rs_i, coef, eps, D,
-                            stride_sn, stride_sd, BLOCK_I, BLOCK_D)  # fmt: skip
+                p_t += tl.sum(g * ct, axis=1)
+                tl.store(w_t + w_ptr, (g * rt_j[None, :]).to(WT.dtype.element_ty))
+        # the weights are read back by other threads of this program: make the stores visible
+        tl.debug_barrier()
+        # pass 2: dS_I = coef r_I (W_I: S − r_I p_I S_I), chunk by chunk of D (and the teacher with −coef)
+        _row_gradient(w_s, s_b, DS + b * N * D, rows_i, ok_i, ns_i, rs_i, p_s, coef, eps, N, N_PAD, D,
+                      stride_sn, stride_sd, BLOCK_I, BLOCK_J, BLOCK_D, PREC_S, UPCAST_S)  # fmt: skip
         if GRAD_TARGET:
-            _normalise_backward(acc_t, t_b, DTG + b * N * DT, rows_i, ok_i, nt_i, rt_i, -coef, eps, DT,
-                                stride_tn, stride_td, BLOCK_I, BLOCK_DT)  # fmt: skip
+            _row_gradient(w_t, t_b, DTG + b * N * DT, rows_i, ok_i, nt_i, rt_i, p_t, -coef, eps, N, N_PAD, DT,
+                          stride_tn, stride_td, BLOCK_I, BLOCK_J, BLOCK_DT, PREC_T, UPCAST_T)  # fmt: skip
+        tl.debug_barrier()  # the scratch is overwritten by this program's next work item

@@ -141,9 +141,10 @@ def distmat_align_bwd(
     cfg = distmat_tile_config(N, D, Dt, student.dtype, teacher.dtype)
     items = B * triton.cdiv(N, cfg["BLOCK_I"])
     nprog = _n_programs(items, student.device)
-    acc_s = torch.empty((nprog, cfg["BLOCK_I"], D), dtype=torch.float32, device=student.device)
-    acc_t = torch.empty(
-        (nprog, cfg["BLOCK_I"], Dt) if grad_target else (1,), dtype=torch.float32, device=student.device
+    n_pad = triton.cdiv(N, cfg["BLOCK_J"]) * cfg["BLOCK_J"]
+    w_s = torch.empty((nprog, cfg["BLOCK_I"], n_pad), dtype=student.dtype, device=student.device)
+    w_t = torch.empty(
+        (nprog, cfg["BLOCK_I"], n_pad) if grad_target else (1,), dtype=teacher.dtype, device=student.device
     )
     # d loss / d cos_s[i, j] = sign·active / (B N²); both (i, j) and (j, i) reach row i: factor 2
     scale = (grad.float() * (2.0 / float(B * N * N))).contiguous()
@@ -153,12 +154,13 @@ def distmat_align_bwd(
         student_norms,
         teacher_norms,
         scale,
-        acc_s,
-        acc_t,
+        w_s,
+        w_t,
         ds,
         dt if grad_target else ds,  # dummy pointer when GRAD_TARGET=False
         B,
         N,
+        n_pad,
         D,
         Dt,
         *_strides(student),
