@@ -242,7 +242,7 @@ class OpSpecs:
             )
         if name in ("patchify", "unpatchify"):
             if not hasattr(torch.ops.rectok_fast, "patchify"):
-                raise RuntimeError("the C++ extension rectok_fast._C is not built (no rectok_fast::patchify)")
+                return self._patch_model(name, dt, grad, S)
             if name == "patchify":
                 im = f((B, 3, img, img), dt, grad)
                 ids = f((B, K), torch.int64, False)
@@ -281,6 +281,41 @@ class OpSpecs:
                 bnc,
             )
         raise KeyError(name)
+
+    def _patch_model(self, name, dt, grad, S):
+        """The patch ops when the C++ extension is not loaded in this environment: the same events
+        (copy kernel, zero-fill) from the shapes, without dispatching (noted in the op's report)."""
+        import torch
+
+        B, N, K, img, p = (S[k] for k in ("B", "N", "K", "img", "p"))
+        s = torch.finfo(dt).bits // 8
+        e = lambda *shape, d=dt: torch.empty(shape, device="meta", dtype=d)  # noqa: E731
+        image, ids = e(B, 3, img, img), e(B, K, d=torch.int64)
+        if name == "patchify":
+            tok = e(B, K, 3 * p * p)
+            fwd = _patch_events("patchify", image, tok, ids)
+            bwd = _patch_events("unpatchify", image, tok, ids)
+            kept = B * K * 3 * p * p
+            bmin = (2 * kept * s + 8 * B * K, (kept + B * 3 * img * img) * s + 8 * B * K)
+        else:
+            tok = e(B, N, 3 * p * p)
+            fwd = _patch_events("unpatchify", image, tok, None)
+            bwd = _patch_events("patchify", image, tok, None)
+            bmin = (2 * tok.numel() * s, 2 * tok.numel() * s)
+
+        def run():
+            Capture.current.events.extend(fwd + (bwd if grad else []))
+            Capture.current.events.append(
+                {
+                    "kind": "note",
+                    "name": "modelled from shapes",
+                    "bytes": 0,
+                    "launches": 0,
+                    "note": "rectok_fast._C not loaded here: C++ calls modelled, not dispatched",
+                }
+            )
+
+        return Built(run, [], lambda outs: [], bmin[0], bmin[1], tok.numel())
 
 
 def _segment_max_hint(B, N, K):
@@ -419,8 +454,7 @@ def _aten_event(func, args, kwargs, out):
 
 
 def _cpp_event(func, args, out):
-    """The C++ patch ops: one copy kernel per call (csrc/patchify_cuda.cu), plus the zero-fill of the
-    whole image that ``unpatchify`` with ids_keep issues (``at::zeros``)."""
+    """A call of a C++ patch op seen by the dispatch mode -> its events (:func:`_patch_events`)."""
     import torch
 
     name = func._schema.name.split("::")[-1]
@@ -428,6 +462,12 @@ def _cpp_event(func, args, out):
     ids = tensors[1] if len(tensors) > 1 else None
     tok = out if name == "patchify" else tensors[0]
     image = tensors[0] if name == "patchify" else out
+    return _patch_events(name, image, tok, ids)
+
+
+def _patch_events(name, image, tok, ids):
+    """The C++ patch ops: one copy kernel per call (csrc/patchify_cuda.cu), plus the zero-fill of the
+    whole image that ``unpatchify`` with ids_keep issues (``at::zeros``)."""
     ev = [
         {
             "kind": "cpp",
@@ -485,7 +525,10 @@ class Capture:
         self.mode = Mode()
         self.keys_only = keys_only
 
+    current = None  # the active capture (the C++ op model appends to it)
+
     def __enter__(self):
+        Capture.current = self
         self.standin.listeners.append(self._on_launch)
         self.standin.keys_only = self.keys_only
         self.mode.__enter__()
@@ -938,14 +981,18 @@ def build_report(op_names, dtypes, modes, do_variants=True, log=print) -> dict:
     for ka in seen.values():
         v = variants.get((ka["op"], ka["dtype"]))
         if ka["signature"].startswith("C++"):
-            ka["variants_across_K"] = 1  # not specialised (one compiled instantiation)
+            ka["variants_across_K"] = 1
+            ka["variants_basis"] = "C++: one compiled instantiation per unit width, no specialisation"
         elif not spec.depends_on_K(ka["op"]):
-            ka["variants_across_K"] = 1  # shapes do not depend on the mask ratio
+            ka["variants_across_K"] = 1
+            ka["variants_basis"] = "the op's shapes do not depend on the mask ratio"
         elif v is not None:
             ka["variants_across_K"] = v.get(ka["name"])
             ka["K_range"] = v.get("_K_range")
+            ka["variants_basis"] = "distinct Triton specialisation keys over every K in K_range (fwd+bwd)"
         else:
             ka["variants_across_K"] = None
+            ka["variants_basis"] = "not computed (--no-variants or an error)"
         report["kernels"].append(ka)
     return report
 
