@@ -415,6 +415,7 @@ def analyze_sass(
     static_cold = 0
     mem: dict[str, dict] = {}
     ld_bytes = st_bytes = 0.0
+    barriers = 0.0  # BAR.SYNC executed per thread: cross-warp reductions / layout conversions
     inflight_loads = 0.0  # bytes per thread of global loads in one pass of the innermost hot region
     for i, x in enumerate(ins):
         if not live[i]:
@@ -425,6 +426,8 @@ def analyze_sass(
         static_hot += 1
         executed += mult[i]
         base = x.op.split(".")[0]
+        if base == "BAR":
+            barriers += mult[i]
         if base in ("LDG", "STG", "LD", "ST", "RED", "ATOM", "ATOMG", "LDL", "STL", "LDS", "STS"):
             d = mem.setdefault(x.op, {"static": 0, "executed": 0.0})
             d["static"] += 1
@@ -456,6 +459,7 @@ def analyze_sass(
         "global_store_widths": sorted(
             {x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.startswith("STG")}
         ),
+        "barriers_per_thread": barriers,
         "load_bytes_per_thread": ld_bytes,
         "store_bytes_per_thread": st_bytes,
         "inflight_load_bytes_per_thread": inflight_loads,

@@ -665,6 +665,7 @@ def analyze_launch(launch, kc: KernelCache, elements: int, hints: dict | None) -
         "global_store_widths": sa["global_store_widths"],
         "mem_instructions": sa["mem_instructions"],
         "executed_instr_per_thread": instr_thread,
+        "barriers_per_thread": sa["barriers_per_thread"],
         "sass_static_hot": sa["static_hot"],
         "sass_static_cold": sa["static_cold"],
         "sass_per_element": instr_thread * threads / elements,
@@ -851,15 +852,19 @@ def op_report(name, dtn, dt, mode, spec, standin, kc, cuda) -> tuple[dict, list]
         for s in steps:
             if "kernel" in s:
                 kt = _kernel_time(s["kernel"], mach)
+                s["kernel"].setdefault("predicted", {})[mname] = kt
                 t += kt["t"]
                 if kt["t"] > worst[0]:
                     worst = (kt["t"], f"{s['kernel']['name']}: {kt['bound']}")
             else:
                 t += s["bytes"] / mach["bw_copy"]
-        t += rep["launches"] * MODEL["t_launch_s"]
+        t_launch = rep["launches"] * MODEL["t_launch_s"]
+        t += t_launch
         rep["predicted_time_s"][mname] = t
         rep["predicted_frac_copy_bw"][mname] = rep["bytes_min"] / (t * mach["bw_copy"]) if t > 0 else None
         rep["bound_by"][mname] = worst[1]
+        if t > 0 and t_launch / t > 0.2:
+            rep["bound_by"][mname] += f"; launches {100 * t_launch / t:.0f}% of t"
     return rep, kernels
 
 
