@@ -193,13 +193,16 @@ def _fetch(
         )
     except errors.LocalEntryNotFoundError:
         cache = cache_dir or hub.constants.HF_HUB_CACHE
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-        hint = f"run `rectok-fast download {label}` where the hub is reachable" if label in REGISTRY else ""
+        if not offline:
+            why = "the hub could not be reached"
+        else:
+            why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
+        fetch = f"`rectok-fast download {label}`" if label in REGISTRY else "it"
+        hint = f"fetch {fetch} where the hub is reachable" + (" (HF_HUB_OFFLINE unset)" if offline else "")
         local = "" if label in REGISTRY else "no local path of that name, and "
         raise PretrainedNotFoundError(
             f"{label}: {local}{where} is not in the Hugging Face cache {cache} and {why}; "
-            + (hint + ", " if hint else "")
-            + f"or pass a local path ({_known()})"
+            f"{hint}, or pass a local path ({_known()})"
         ) from None
     except errors.GatedRepoError:
         raise PretrainedNotFoundError(
