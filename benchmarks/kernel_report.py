@@ -833,6 +833,8 @@ def op_report(name, dtn, dt, mode, spec, standin, kc, cuda) -> tuple[dict, list]
             steps.append(step)
         else:
             steps.append(ev)
+    if not any(s["kind"] in ("triton", "cpp") for s in steps):
+        raise RuntimeError(f"{name}: no fused kernel was launched (did the functional take the reference path?)")
     rep = {
         "bytes_min": built.bytes_fwd + (built.bytes_bwd if mode == "fwd+bwd" else 0),
         "bytes_actual": sum(s["bytes"] for s in steps),
