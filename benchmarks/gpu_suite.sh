@@ -21,8 +21,9 @@
 #        with the eager backend, no build) in under 3 minutes; CI runs it.  Not data: every JSON says
 #        dry and the summariser ignores it.
 #
-# $OUT holds at most 8 files: suite.log, env.json, bench_ops.json, bench_e2e.json (the three e2e
-# cases merged), attention.json, junit.xml, summary.json, steps.tsv.  A failed step is logged as
+# $OUT gets 7 files (the device tool returns at most 8): suite.log, env.json, bench_ops.json,
+# bench_e2e.json (the three e2e cases merged), attention.json, junit.xml, summary.json; the step
+# table (name, status, rc, seconds, limit) is printed at the end of suite.log.  A failed step is logged as
 # FAILED with its exit code and the suite goes on; no step writes a zero in place of a number.  The
 # log ends with a readable summary of every number and every failed step.
 # SUITE_SKIP_BUILD=1 uses the installed build.  RECTOK_FAST_COMMIT names the measured commit when
@@ -34,13 +35,13 @@ OUT="${OUT:-$(pwd)/gpu_suite_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/suite.log"
-STEPS="$OUT/steps.tsv"
 : >"$LOG"
-: >"$STEPS"
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
-WORK="$(mktemp -d)"  # per-case JSON before merging (not in $OUT: at most 8 files come back)
+WORK="$(mktemp -d)"  # per-case JSON before merging and the step table (not in $OUT: at most 8 files come back)
 trap 'rm -rf "$WORK"' EXIT
+STEPS="$WORK/steps.tsv"
+: >"$STEPS"
 
 log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$LOG"; }
 
@@ -54,7 +55,7 @@ fi
 RESERVE=15  # kept for summarize + the report at the end
 
 # step NAME SECONDS [--int] CMD...: run CMD with a limit of SECONDS cut to what the budget has left,
-# append its output to the log and a row to steps.tsv, never abort the suite.  --int stops it with
+# append its output to the log and a row to $STEPS, never abort the suite.  --int stops it with
 # SIGINT (pytest then still writes its junit/JSON files) instead of TERM.
 STEP_DEADLINE=0
 step() {

@@ -178,5 +178,12 @@ def test_whole_dry_run(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert took < 180, took
     assert len(files) <= 8, files
-    assert {"suite.log", "env.json", "bench_ops.json", "bench_e2e.json", "attention.json", "junit.xml"} <= set(files)
+    assert set(files) == {
+        "suite.log",
+        "env.json",
+        "bench_ops.json",
+        "bench_e2e.json",
+        "attention.json",
+        "junit.xml",
+    } | {"summary.json"}
     assert "FAILED STEPS: none" in r.stdout
