@@ -6,6 +6,7 @@ import importlib
 import sys
 
 TRUST_FLAG = "--trust-remote-code"  # the same string as rectok_fast.utils.checkpoint.TRUST_FLAG (kept import-free)
+DEBUG_FLAG = "--debug"  # anywhere on the line: user errors show their traceback too
 
 COMMANDS = {
     "demo": (
@@ -36,6 +37,11 @@ def usage() -> str:
         "",
         f"{TRUST_FLAG} (anywhere on the line): allow a full unpickle of checkpoint files that need globals",
         "  beyond the safe allow-list; such a file can run code, so only for files from a trusted source.",
+        f"{DEBUG_FLAG} (anywhere on the line): print the traceback of an error, not only its one-line message.",
+        "",
+        "Errors in what you pass (config keys and values, files, checkpoints, arguments) end with one line",
+        "'rectok-fast CMD: error: ...' and exit status 2; SIGTERM / SIGINT during training write a checkpoint",
+        "and exit 143 / 130.",
         "",
         "Distributed: torchrun --nproc-per-node N -m <module> ... (modules: "
         + ", ".join(m for m, _ in COMMANDS.values())
@@ -47,7 +53,8 @@ def usage() -> str:
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     trust = TRUST_FLAG in argv
-    argv = [a for a in argv if a != TRUST_FLAG]
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a not in (TRUST_FLAG, DEBUG_FLAG)]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None):
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
     if not trust:
-        return _call(cmd, module, rest)
+        return _call(cmd, module, rest, debug)
     from rectok_fast.utils.checkpoint import trusting_remote_code
 
     print(
@@ -71,17 +78,61 @@ def main(argv: list[str] | None = None):
         file=sys.stderr,
     )
     with trusting_remote_code(True):
-        return _call(cmd, module, rest)
+        return _call(cmd, module, rest, debug)
 
 
-def _call(cmd: str, module, rest: list[str]) -> int:
-    """``module.main(rest)``; weights named by something that resolves to nothing: one line, exit 2."""
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message of a user error (``None`` for anything else: a bug, which keeps its traceback).
+
+    User errors: :class:`rectok_fast.errors.UserError` (config, data, paths, checkpoints, arguments,
+    run directory, full disk), weights named by nothing (``PretrainedNotFoundError``), and the OS's
+    missing / unreadable path and full-disk errors, which name their file."""
+    import errno
+
+    from rectok_fast.errors import UserError
     from rectok_fast.hub import PretrainedNotFoundError
+
+    if isinstance(e, (UserError, PretrainedNotFoundError)):
+        msg = str(e)
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = f"no space left on device while writing {e.filename or '(unknown file)'}"
+    elif isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) and e.filename:
+        msg = f"{e.strerror or type(e).__name__}: {e.filename}"
+    else:
+        return None
+    return " ".join(msg.split()) or type(e).__name__
+
+
+def _call(cmd: str, module, rest: list[str], debug: bool = False) -> int:
+    """``module.main(rest)``.  A user error ends with one stderr line ``rectok-fast CMD: error: ...`` and
+    exit 2 (``--debug``: its traceback first); training stopped by SIGTERM / SIGINT: one line saying
+    where the checkpoint is, exit 143 / 130.  Anything else is a bug and raises with its traceback."""
+    import os
+    import traceback
+
+    from rectok_fast.errors import TrainingInterrupted
 
     try:
         module.main(rest)
-    except PretrainedNotFoundError as e:
-        print(f"rectok-fast {cmd}: {e}", file=sys.stderr)
+    except TrainingInterrupted as e:
+        if debug:
+            traceback.print_exc()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"rectok-fast {cmd}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"rectok-fast {cmd}: interrupted (SIGINT)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        sys.stderr.flush()
+        print(f"rectok-fast {cmd}: error: {msg}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError, ConfigKeyError, ConfigTypeError, PathError
+
 
 @dataclass
 class DataConfig:
@@ -45,6 +47,8 @@ class DataConfig:
     pin_memory: bool = True
     embedded_len: int = 4096  # virtual epoch length of the embedded dataset (random crops)
     embedded_scale: float = 0.5  # images are downscaled by this before cropping
+    skip_corrupt: bool = False  # skip unreadable images (each logged and counted) instead of failing
+    max_corrupt_frac: float = 0.01  # ... but fail once more than this fraction of the dataset (>= 1 image) is corrupt
 
 
 @dataclass
@@ -135,6 +139,7 @@ class RunConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     max_steps: int | None = None
     resume: bool = False
+    overwrite: bool = False  # start afresh in an `out` that already holds a run (its checkpoints/metrics are removed)
     compile: bool = False
     distributed: str = "ddp"  # "ddp" | "fsdp" (FSDP2, DiT only)
     # loss noise of the fused ops: "materialized" (tensors drawn from the shared generator and sliced
@@ -162,7 +167,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise TypeError(f"config: `{where}` must be a mapping, got {type(value).__name__}")
+            raise ConfigTypeError(f"config: `{where}` must be a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -175,10 +180,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except (TypeError, ValueError):
                 continue
-        raise TypeError(f"config: `{where}` = {value!r} does not match {tp}")
+        raise ConfigTypeError(f"config: `{where}` = {value!r} does not match {tp}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise TypeError(f"config: `{where}` must be a list, got {value!r}")
+            raise ConfigTypeError(f"config: `{where}` must be a list, got {value!r}")
         args = typing.get_args(tp)
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
@@ -189,11 +194,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
-        return float(value)  # "1e-4" is a str to PyYAML
+        try:
+            return float(value)  # "1e-4" is a str to PyYAML
+        except ValueError:
+            raise ConfigTypeError(f"config: `{where}` must be a number, got {value!r}") from None
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if tp in (int, str, bool) and not isinstance(value, tp):
-        raise TypeError(f"config: `{where}` must be {tp.__name__}, got {value!r}")
+        raise ConfigTypeError(f"config: `{where}` must be {tp.__name__}, got {value!r}")
     return value
 
 
@@ -202,7 +210,7 @@ def from_dict(cls: type, d: dict, where: str = "") -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(names))
     if unknown:
-        raise KeyError(f"config: unknown key(s) {unknown} in `{where or cls.__name__}` (known: {sorted(names)})")
+        raise ConfigKeyError(f"config: unknown key(s) {unknown} in `{where or cls.__name__}` (known: {sorted(names)})")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
     return cls(**kwargs)
@@ -228,13 +236,20 @@ def parse_overrides(items: list[str] | None) -> dict:
     out: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is given both as a value and as a section")
         node[parts[-1]] = value
     return out
 
@@ -252,8 +267,15 @@ def merge(base: dict, over: dict) -> dict:
 
 def load_yaml(path: str) -> dict:
     """Load a YAML config; a top-level ``base: other.yaml`` (relative to this file) is merged first."""
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise PathError(f"config file {path!r} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, got {type(d).__name__}")
     base = d.pop("base", None)
     if base is not None:
         d = merge(load_yaml(os.path.join(os.path.dirname(path), base)), d)
@@ -264,7 +286,56 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     """Config from a YAML file (or the defaults) with overrides applied (a list of ``key=value`` or a dict)."""
     d = load_yaml(path) if path else {}
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return from_dict(cls, merge(d, over))
+    cfg = from_dict(cls, merge(d, over))
+    if cls is RunConfig:
+        validate_run_config(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: `{key}` = {value!r} must be {need}")
+
+
+def validate_run_config(cfg: RunConfig) -> RunConfig:
+    """Range checks of the values a run needs before any work starts (raises :class:`ConfigError`
+    naming the key): batch sizes, intervals and step counts positive, fractions in range."""
+    d, o, lg = cfg.data, cfg.optim, cfg.log
+    for key, v in (("data.global_batch_size", d.global_batch_size), ("data.grad_accum", d.grad_accum),
+                   ("data.image_size", d.image_size), ("data.embedded_len", d.embedded_len),
+                   ("log.log_every", lg.log_every), ("log.ckpt_every", lg.ckpt_every)):  # fmt: skip
+        _check(v >= 1, key, v, "a positive integer")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+    _check(d.embedded_scale > 0, "data.embedded_scale", d.embedded_scale, "> 0")
+    _check(0 <= d.max_corrupt_frac <= 1, "data.max_corrupt_frac", d.max_corrupt_frac, "in [0, 1]")
+    _check(lg.keep_last >= 0, "log.keep_last", lg.keep_last, ">= 0 (0 keeps every checkpoint)")
+    _check(lg.image_every >= 0, "log.image_every", lg.image_every, ">= 0 (0 disables preview grids)")
+    if lg.milestone_every is not None:
+        _check(lg.milestone_every >= 1, "log.milestone_every", lg.milestone_every, "a positive integer or null")
+    if cfg.max_steps is not None:
+        _check(cfg.max_steps >= 1, "max_steps (--max-steps)", cfg.max_steps, "a positive integer")
+    if o.total_steps is not None:
+        _check(o.total_steps >= 1, "optim.total_steps", o.total_steps, "a positive integer or null")
+    _check(o.epochs > 0, "optim.epochs", o.epochs, "> 0")
+    _check(o.blr > 0 or o.lr is not None, "optim.blr", o.blr, "> 0")
+    if o.lr is not None:
+        _check(o.lr > 0, "optim.lr", o.lr, "> 0 or null")
+    for key, v in (("optim.warmup_frac", o.warmup_frac),):
+        _check(0 <= v <= 1, key, v, "in [0, 1]")
+    if o.warmup_steps is not None:
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0 or null")
+    _check(0 <= o.ema_decay <= 1, "optim.ema_decay", o.ema_decay, "in [0, 1]")
+    _check(o.amp in ("bf16", "fp16", "none"), "optim.amp", o.amp, "one of 'bf16', 'fp16', 'none'")
+    _check(o.schedule in ("cosine", "const_linear"), "optim.schedule", o.schedule, "'cosine' or 'const_linear'")
+    _check(cfg.kind in ("tokenizer", "dit"), "kind", cfg.kind, "'tokenizer' or 'dit'")
+    _check(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "'auto', 'cpu' or 'cuda'")
+    _check(cfg.distributed in ("ddp", "fsdp"), "distributed", cfg.distributed, "'ddp' or 'fsdp'")
+    _check(cfg.noise in ("auto", "materialized", "kernel"), "noise", cfg.noise, "'auto', 'materialized' or 'kernel'")
+    _check(cfg.model.num_classes >= 1, "model.num_classes", cfg.model.num_classes, "a positive integer")
+    _check(0 <= cfg.loss.label_dropout <= 1, "loss.label_dropout", cfg.loss.label_dropout, "in [0, 1]")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other (resume continues the run in `out`)")
+    return cfg
 
 
 def save_config(cfg: Any, path: str) -> None:
@@ -287,7 +358,7 @@ def resolve_config_path(name_or_path: str) -> str:
     cand = os.path.join(config_dir(), name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if os.path.exists(cand):
         return cand
-    raise FileNotFoundError(f"config {name_or_path!r} not found (neither a file nor a recipe under {config_dir()})")
+    raise PathError(f"config {name_or_path!r} not found (neither a file nor a recipe under {config_dir()})")
 
 
 def steps_per_epoch(dataset_len: int, global_batch_size: int) -> int:
@@ -315,4 +386,4 @@ def data_overrides(spec: str | None) -> dict:
         return {"data": {"source": "folder", "path": spec}}
     if os.path.isfile(spec):
         return {"data": {"source": "filelist", "path": spec}}
-    raise FileNotFoundError(f"--data {spec!r}: not 'embedded', a directory or a file list")
+    raise PathError(f"--data {spec!r}: not 'embedded', a directory or a file list")

@@ -8,12 +8,17 @@ comparable with single-process ones.  Call :meth:`set_epoch` at every epoch.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..errors import DataError, PathError
+
+logger = logging.getLogger("rectok_fast.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
 
@@ -76,13 +81,45 @@ class _AugmentedDataset(Dataset):
         return x
 
 
-class ImageFolderDataset(_AugmentedDataset):
-    """``root/<class>/<image>`` (ImageNet layout); classes sorted by name -> label indices."""
+def load_image(path: str) -> Image.Image:
+    """``path`` decoded in full as RGB; an unreadable, truncated or corrupt file raises
+    :class:`~rectok_fast.errors.DataError` naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes every byte: a truncated file fails here
+    except FileNotFoundError:
+        raise PathError(f"image {path} does not exist") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"corrupt or truncated image {path}: {e} (data.skip_corrupt=true skips such files)") from e
 
-    def __init__(self, root: str, image_size: int, hflip: bool = True, seed: int = 0):
+
+class ImageFolderDataset(_AugmentedDataset):
+    """``root/<class>/<image>`` (ImageNet layout); classes sorted by name -> label indices.
+
+    An unreadable image raises :class:`~rectok_fast.errors.DataError` naming it.  With
+    ``skip_corrupt`` it is logged, counted (:attr:`corrupt`) and replaced by the next readable image
+    (deterministically, so resume stays exact) until more than ``max(1, max_corrupt_frac · len)``
+    distinct files are corrupt, which raises.  (Counts are per process: with DataLoader workers, each
+    worker counts the files it met.)"""
+
+    skip_corrupt = False
+    max_corrupt_frac = 0.01
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        hflip: bool = True,
+        seed: int = 0,
+        *,
+        skip_corrupt: bool = False,
+        max_corrupt_frac: float = 0.01,
+    ):
         super().__init__(hflip, seed)
+        self.skip_corrupt, self.max_corrupt_frac = bool(skip_corrupt), float(max_corrupt_frac)
+        self.corrupt: set[str] = set()
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"ImageFolderDataset: `root` {root!r} is not a directory")
+            raise PathError(f"ImageFolderDataset: `root` {root!r} is not a directory")
         self.root, self.image_size = root, image_size
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.samples: list[tuple[str, int]] = []
@@ -92,7 +129,7 @@ class ImageFolderDataset(_AugmentedDataset):
                     if fn.endswith(IMG_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, fn), ci))
         if not self.samples:
-            raise FileNotFoundError(f"ImageFolderDataset: no images under {root!r} (expected root/<class>/<image>)")
+            raise PathError(f"ImageFolderDataset: no images under {root!r} (expected root/<class>/<image>)")
 
     @property
     def num_classes(self) -> int:
@@ -101,10 +138,30 @@ class ImageFolderDataset(_AugmentedDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, i: int) -> tuple[Image.Image, int]:
+        n = len(self.samples)
+        for k in range(n):
+            path, label = self.samples[(i + k) % n]
+            if path in self.corrupt:
+                continue
+            try:
+                return load_image(path), label
+            except (DataError, PathError) as e:
+                if not self.skip_corrupt:
+                    raise
+                self.corrupt.add(path)
+                limit = max(1, int(self.max_corrupt_frac * n))
+                logger.warning("skipping corrupt image %d/%d allowed: %s", len(self.corrupt), limit, e)
+                if len(self.corrupt) > limit:
+                    raise DataError(
+                        f"{len(self.corrupt)} corrupt images (more than data.max_corrupt_frac={self.max_corrupt_frac} "
+                        f"of {n}, at least 1), the last {path}"
+                    ) from e
+        raise DataError(f"no readable image among the {n} of the dataset")
+
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = center_crop_arr(im.convert("RGB"), self.image_size)
+        im, label = self._read(i)
+        img = center_crop_arr(im, self.image_size)
         x = to_tensor(np.asarray(img))
         return self._maybe_flip(x, _sample_generator(self.seed, self.epoch, i)), label
 
@@ -112,11 +169,25 @@ class ImageFolderDataset(_AugmentedDataset):
 class FileListDataset(ImageFolderDataset):
     """A text file with one ``relative/or/absolute/path [label]`` per line (label 0 when absent)."""
 
-    def __init__(self, list_path: str, image_size: int, root: str | None = None, hflip: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        list_path: str,
+        image_size: int,
+        root: str | None = None,
+        hflip: bool = True,
+        seed: int = 0,
+        *,
+        skip_corrupt: bool = False,
+        max_corrupt_frac: float = 0.01,
+    ):
         _AugmentedDataset.__init__(self, hflip, seed)
+        self.skip_corrupt, self.max_corrupt_frac = bool(skip_corrupt), float(max_corrupt_frac)
+        self.corrupt = set()
         self.image_size = image_size
         root = root or os.path.dirname(os.path.abspath(list_path))
         self.samples = []
+        if not os.path.isfile(list_path):
+            raise PathError(f"FileListDataset: no file list at {list_path!r}")
         with open(list_path) as f:
             for line in f:
                 line = line.strip()
@@ -125,11 +196,13 @@ class FileListDataset(ImageFolderDataset):
                 parts = line.rsplit(maxsplit=1)
                 if len(parts) == 2 and parts[1].lstrip("-").isdigit():
                     p, lab = parts[0], int(parts[1])
+                    if lab < 0:
+                        raise DataError(f"FileListDataset: {list_path!r}: negative label in line {line!r}")
                 else:
                     p, lab = line, 0
                 self.samples.append((p if os.path.isabs(p) else os.path.join(root, p), lab))
         if not self.samples:
-            raise ValueError(f"FileListDataset: {list_path!r} lists no images")
+            raise DataError(f"FileListDataset: {list_path!r} lists no images")
         self.classes = [str(i) for i in range(max(lab for _, lab in self.samples) + 1)]
 
 
@@ -228,14 +301,59 @@ def build_image_dataset(data_cfg, split: str = "train", seed: int = 0) -> Datase
             hflip=data_cfg.hflip,
             seed=seed,
         )
+    if src not in ("folder", "filelist"):
+        raise DataError(f"data.source must be 'embedded', 'folder' or 'filelist', got {src!r}")
     if data_cfg.path is None:
-        raise ValueError(f"data.source={src!r} needs data.path")
+        raise DataError(f"data.source={src!r} needs data.path")
+    corrupt = {
+        "skip_corrupt": getattr(data_cfg, "skip_corrupt", False),
+        "max_corrupt_frac": getattr(data_cfg, "max_corrupt_frac", 0.01),
+    }
     if src == "folder":
         return ImageFolderDataset(
-            data_cfg.path, data_cfg.image_size, hflip=data_cfg.hflip and split == "train", seed=seed
+            data_cfg.path, data_cfg.image_size, hflip=data_cfg.hflip and split == "train", seed=seed, **corrupt
         )
-    if src == "filelist":
-        return FileListDataset(
-            data_cfg.path, data_cfg.image_size, root=data_cfg.root, hflip=data_cfg.hflip and split == "train", seed=seed
-        )
-    raise ValueError(f"data.source must be 'embedded', 'folder' or 'filelist', got {src!r}")
+    return FileListDataset(
+        data_cfg.path,
+        data_cfg.image_size,
+        root=data_cfg.root,
+        hflip=data_cfg.hflip and split == "train",
+        seed=seed,
+        **corrupt,
+    )
+
+
+def default_embedded_scale(image_size: int) -> float:
+    """The bundled recipes' downscale of the embedded images for ``image_size``-px crops:
+    ``min(0.5, image_size / 256)`` (0.125 at 32 px, 0.5 at 128 px and above)."""
+    return min(0.5, float(image_size) / 256.0)
+
+
+def embedded_scale_for(
+    tokenizer_path: str | os.PathLike | None, image_size: int, default: float | None = None
+) -> float:
+    """``data.embedded_scale`` the tokenizer at ``tokenizer_path`` was trained with, so that ``stats``,
+    ``eval`` and ``cache-latents`` on ``--data embedded`` see the images training saw.
+
+    Read from the run's ``config.yaml`` (``tokenizer_path`` a run dir, its ``export/`` or a file under
+    ``checkpoints/``); when there is none (a released model, a lone export), ``default``
+    (``None``: :func:`default_embedded_scale`)."""
+    import yaml
+
+    if tokenizer_path is not None:
+        p = os.path.abspath(os.fspath(tokenizer_path))
+        base = p if os.path.isdir(p) else os.path.dirname(p)
+        for d in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
+            f = os.path.join(d, "config.yaml")
+            if not os.path.isfile(f):
+                continue
+            try:
+                with open(f) as fh:
+                    c = yaml.safe_load(fh) or {}
+            except (OSError, yaml.YAMLError):
+                break
+            data = c.get("data") if isinstance(c, dict) and c.get("kind", "tokenizer") == "tokenizer" else None
+            if isinstance(data, dict) and int(data.get("image_size", image_size)) == int(image_size):
+                return float(data.get("embedded_scale", 0.5))
+            break
+    return default_embedded_scale(image_size) if default is None else float(default)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, data_overrides
-from ..data.datasets import build_image_dataset
+from ..data.datasets import build_image_dataset, embedded_scale_for
+from ..errors import ArgumentError, PathError
 from ..models.loading import load_tokenizer
 from ..utils import write_json
 from ..utils.log import setup_logging
@@ -103,7 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging(None)
     if args.tokenizer is None and args.samples is None:
-        raise SystemExit("rectok-fast eval: give --tokenizer (reconstruction) and/or --samples (generation)")
+        raise ArgumentError("give --tokenizer (reconstruction) and/or --samples (generation)")
+    for opt, v in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise ArgumentError(f"{opt} {v}: must be a positive integer")
+    for opt, v in (("--samples", args.samples), ("--ref", args.ref)):
+        if v is not None and not os.path.exists(v):
+            raise PathError(f"{opt} {v!r}: no such file or directory")
     dev = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         data = DataConfig(
             **{**d, "image_size": tok.config.img_size, "hflip": False, "embedded_len": args.num_images or 256}
         )
+        if data.source == "embedded":  # the crops the tokenizer was trained on (its run's data.embedded_scale)
+            data.embedded_scale = embedded_scale_for(args.tokenizer, data.image_size, default=data.embedded_scale)
         ds = build_image_dataset(data, "heldout" if data.source == "embedded" else "train")
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False)
         keep = args.num_images or len(ds) if args.rfid else 0

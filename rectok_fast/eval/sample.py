@@ -24,6 +24,7 @@ import os
 import numpy as np
 import torch
 
+from ..errors import ArgumentError
 from ..hub import resolve_pretrained
 from ..models.loading import load_dit, load_tokenizer
 from ..utils import write_json
@@ -98,7 +99,7 @@ def run_sample(args: argparse.Namespace) -> dict:
     guide = load_dit(resolve_pretrained(args.guide_model, "dit")).to(dev).eval() if args.guide_model else None
     guidance = args.guidance or ("autoguidance" if guide is not None else "none")
     guidance = None if guidance == "none" else guidance
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(dit.num_classes))
+    classes = parse_classes(args.classes, dit.num_classes) if args.classes else list(range(dit.num_classes))
     all_idx = list(range(args.num_images))
     mine = all_idx[info.rank :: info.world_size]
     os.makedirs(args.out, exist_ok=True)
@@ -155,6 +156,38 @@ def run_sample(args: argparse.Namespace) -> dict:
             res["grid"] = save_grid(imgs[:n], os.path.join(args.out, "grid.png"))
         write_json(os.path.join(args.out, "sample_config.json"), {k: v for k, v in vars(args).items()})
     return res
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Range checks of the numeric options (:class:`~rectok_fast.errors.ArgumentError` naming the option)."""
+    for opt, v in (("--num-images", args.num_images), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if v < 1:
+            raise ArgumentError(f"{opt} {v}: must be a positive integer")
+    if args.grid_size < 0:
+        raise ArgumentError(f"--grid-size {args.grid_size}: must be >= 0")
+    lo, hi = args.interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ArgumentError(f"--interval {lo} {hi}: need 0 <= LO <= HI <= 1")
+
+
+def parse_classes(spec: str, num_classes: int) -> list[int]:
+    """``--classes 1,7,207`` -> ``[1, 7, 207]``, each in ``[0, num_classes)`` (the model's classes; index
+    ``num_classes`` is the CFG null class and no class to sample)."""
+    out = []
+    for c in spec.split(","):
+        c = c.strip()
+        try:
+            k = int(c)
+        except ValueError:
+            raise ArgumentError(f"--classes {spec!r}: {c!r} is not an integer class id") from None
+        if not 0 <= k < num_classes:
+            raise ArgumentError(
+                f"--classes {spec!r}: class {k} is out of range; the model has {num_classes} classes (0..{num_classes - 1})"
+            )
+        out.append(k)
+    if not out:
+        raise ArgumentError(f"--classes {spec!r}: no class ids")
+    return out
 
 
 def read_latent_stats(path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_args(args)
     setup_logging(None)
     try:
         return run_sample(args)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import DataConfig
-from ..data.datasets import build_image_dataset
+from ..data.datasets import build_image_dataset, embedded_scale_for
 from ..data.latents import ShardWriter, write_latent_cache
 from ..models.loading import load_tokenizer
 from ..utils.distributed import barrier, cleanup, init_distributed
@@ -49,6 +49,8 @@ def cache_latents(
     if float(tok.latent_std.min()) == 1.0 and float(tok.latent_mean.abs().max()) == 0.0:
         logger.warning("the tokenizer has default latent stats (mean 0, std 1): run `rectok-fast stats` first")
     data = DataConfig(**{**data.__dict__, "image_size": tok.config.img_size})
+    if data.source == "embedded":  # the crops the tokenizer was trained on (its run's data.embedded_scale)
+        data.embedded_scale = embedded_scale_for(tokenizer_path, data.image_size, default=data.embedded_scale)
     ds = build_image_dataset(data, "train", seed=seed)
     n_total = len(ds) if max_images is None else min(len(ds), max_images)
     idx = list(range(info.rank, n_total, info.world_size))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import RunConfig, data_overrides, load_config, merge, parse_overrides, resolve_config_path
+from ..errors import ConfigError
 
 
 def add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -27,12 +28,17 @@ def add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
     )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt (bit-exact)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that already holds a run (its checkpoints, metrics and export are deleted)",
+    )
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides, e.g. optim.blr=2e-4 data.global_batch_size=64",
+        help="config overrides (anywhere on the line), e.g. optim.blr=2e-4 data.global_batch_size=64",
     )
 
 
@@ -45,12 +51,14 @@ def config_from_args(args: argparse.Namespace, kind: str) -> RunConfig:
             top[k] = v
     if args.resume:
         top["resume"] = True
+    if getattr(args, "overwrite", False):
+        top["overwrite"] = True
     from ..config import load_yaml
 
     path = resolve_config_path(args.config)
     recipe_kind = load_yaml(path).get("kind", kind)
     if recipe_kind != kind:
-        raise ValueError(f"config {args.config} is a {recipe_kind!r} recipe, not {kind!r}")
+        raise ConfigError(f"--config {args.config} is a {recipe_kind!r} recipe, not {kind!r}")
     return load_config(path, merge(over, {**top, "kind": kind}))
 
 
@@ -59,7 +67,8 @@ def run_training_cli(train_fn, *, prog: str, doc: str | None, default_config: st
     the process group down (also on Ctrl-C or an exception)."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p, default_config=default_config)
-    cfg = config_from_args(p.parse_args(argv), kind=kind)
+    # intermixed: `key=value` overrides may follow options (`--config X data.latents=Y --out Z k=v`)
+    cfg = config_from_args(p.parse_intermixed_args(argv), kind=kind)
     try:
         return train_fn(cfg)
     finally:

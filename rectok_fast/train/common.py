@@ -24,6 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -33,10 +36,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import RunConfig, lr_for, save_config, steps_per_epoch, to_dict, total_steps
 from ..data.sampler import build_loader, set_loader_epoch, slot_offset
-from ..utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..errors import CheckpointError, ConfigError, RunDirError, TrainingInterrupted
+from ..utils.checkpoint import load_latest_checkpoint, save_checkpoint
 from ..utils.distributed import DistInfo, MetricAccumulator, barrier, init_distributed
 from ..utils.ema import EMA, _unwrap
-from ..utils.log import MetricLogger, Progress, setup_logging
+from ..utils.log import MetricLogger, Progress, setup_logging, truncate_metrics
 from ..utils.optim import lr_at, make_adamw, set_lr
 from ..utils.rng import get_rng_state, seed_everything, set_rng_state
 
@@ -63,6 +67,99 @@ def resolve_noise_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def _run_in_out(out: str) -> list[str]:
+    """What in ``out`` belongs to an earlier run: checkpoints, metrics, an export."""
+    found = []
+    ck = os.path.join(out, "checkpoints")
+    if os.path.isdir(ck) and any(n.endswith(".pt") and not n.startswith(".") for n in os.listdir(ck)):
+        found.append(ck)
+    m = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(m) and os.path.getsize(m) > 0:
+        found.append(m)
+    if os.path.isdir(os.path.join(out, "export")):
+        found.append(os.path.join(out, "export"))
+    return found
+
+
+def check_run_dir(cfg: RunConfig, is_main: bool = True) -> None:
+    """Refuse to start a fresh run into an ``out`` that holds one (its ``latest.pt`` would be
+    overwritten by an older step and ``metrics.jsonl`` appended to) unless ``resume`` (continue it) or
+    ``overwrite`` (its checkpoints, metrics and export are removed first, on the main rank)."""
+    if cfg.resume:
+        return
+    found = _run_in_out(cfg.out)
+    if not found:
+        return
+    if not cfg.overwrite:
+        raise RunDirError(
+            f"--out {cfg.out} already holds a run ({', '.join(os.path.basename(f) for f in found)}): "
+            "pass --resume to continue it or --overwrite to start afresh (its checkpoints and metrics are deleted)"
+        )
+    if is_main:
+        for f in found:
+            shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
+        logger.warning("--overwrite: removed %s", ", ".join(found))
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT set a flag that the loop reads at a step boundary (the step in flight finishes).
+
+    A second SIGINT restores the default handler's behaviour (``KeyboardInterrupt`` at once).  Under
+    torchrun the flag is max-reduced over ranks every step on a CPU (gloo) group, so every rank stops
+    after the same step and the collective (FSDP) save cannot deadlock.  Handlers are installed only
+    from the main thread and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, distributed: bool):
+        self.signum = 0
+        self.distributed = distributed
+        self._old: dict = {}
+        self._group = None
+        self._flag = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        if self.distributed:
+            import torch.distributed as dist
+
+            try:
+                self._group = dist.new_group(backend="gloo")  # CPU flag: no device sync per step
+                self._flag = torch.zeros(1, dtype=torch.int32)
+            except Exception:  # no gloo: the default group, with a tensor on its device
+                self._group = None
+                dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+                self._flag = torch.zeros(1, dtype=torch.int32, device=dev)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(
+            "received %s: stopping after the current step and writing a checkpoint (Ctrl-C again aborts at once)",
+            signal.Signals(signum).name,
+        )
+
+    def requested(self) -> int:
+        """The signal number when any rank got one, else 0 (a collective under torchrun)."""
+        if not self.distributed:
+            return self.signum
+        import torch.distributed as dist
+
+        self._flag.fill_(self.signum)
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(self._flag.item())
+
+
 class Trainer:
     """Subclasses implement :meth:`build` (models, dataset, optimizers), :meth:`draw_step_randomness`
     and :meth:`micro_step` (forward + backward of one micro-batch, returning its scalar losses)."""
@@ -73,11 +170,13 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.device)
         self.device = self.dist.device
+        check_run_dir(cfg, self.dist.is_main)
+        barrier()
         setup_logging(cfg.out, self.dist.is_main)
         d = cfg.data
         denom = self.dist.world_size * d.grad_accum
         if d.global_batch_size % denom:
-            raise ValueError(
+            raise ConfigError(
                 f"data.global_batch_size={d.global_batch_size} is not divisible by world_size×grad_accum={denom}"
             )
         self.global_batch = d.global_batch_size
@@ -85,6 +184,7 @@ class Trainer:
         self.accum = d.grad_accum
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.step = 0
+        self._saved_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.ema: EMA | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.lr_mults: dict[str, float] = {}
@@ -233,14 +333,29 @@ class Trainer:
         self.load_extra_state(state)
 
     def try_resume(self) -> bool:
-        path = latest_checkpoint(self.cfg.out)
-        if path is None:
+        found = load_latest_checkpoint(self.cfg.out, map_location=self.device)
+        if found is None:
             logger.info("--resume: no checkpoint under %s/checkpoints, starting from scratch", self.cfg.out)
             return False
-        state = load_checkpoint(path, map_location=self.device)
-        self.load_state_dict(state)
+        path, state = found
+        kind = state.get("kind")
+        if kind != self.kind:
+            what = f"a {kind!r} training checkpoint" if kind else f"no training run (keys: {sorted(state)[:8]})"
+            raise CheckpointError(f"--resume: {path} holds {what}, not a {self.kind!r} one")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = " ".join(str(e).split())[:240]
+            raise CheckpointError(
+                f"--resume: {path} does not match this run's config (model or optimizer differ: {first})"
+            ) from e
+        self._saved_step = self.step
         logger.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def checkpoint_path(self) -> str:
+        """Where the state of the last save is (``OUT/checkpoints/latest.pt``)."""
+        return os.path.join(self.cfg.out, "checkpoints", "latest.pt")
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -259,6 +374,8 @@ class Trainer:
         if self.dist.is_main:
             os.makedirs(cfg.out, exist_ok=True)
             save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+            if self.step > 0:  # resumed: the steps after the checkpoint are re-run, drop their old records
+                truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), self.step)
         mlog = MetricLogger(
             cfg.out,
             enabled=self.dist.is_main,
@@ -275,6 +392,18 @@ class Trainer:
         )  # fmt: skip
         last: dict = {}
         t0 = time.perf_counter()
+        try:
+            with _StopSignals(self.dist.distributed) as stopper:
+                last = self._loop(stop, prog, acc, mlog, stopper)
+        finally:
+            prog.close()
+            mlog.close()
+        last.update(step=self.step, seconds=time.perf_counter() - t0)
+        return last
+
+    def _loop(self, stop: int, prog, acc, mlog, stopper: _StopSignals) -> dict:
+        lg = self.cfg.log
+        last: dict = {}
         it = None
         cur_epoch = None
         while self.step < stop:
@@ -310,9 +439,17 @@ class Trainer:
             self.after_step()
             if self.step % lg.ckpt_every == 0 or self.step == stop:
                 self.save()
-        prog.close()
-        mlog.close()
-        last.update(step=self.step, seconds=time.perf_counter() - t0)
+                self._saved_step = self.step
+            signum = stopper.requested()
+            if signum:
+                if self._saved_step != self.step:
+                    self.save()
+                    self._saved_step = self.step
+                path = self.checkpoint_path()
+                logger.warning(
+                    "stopped by %s after step %d; checkpoint %s", signal.Signals(signum).name, self.step, path
+                )
+                raise TrainingInterrupted(signum, self.step, path)
         return last
 
     def ddp_modules(self) -> list[nn.Module]:

@@ -111,6 +111,7 @@ def run_demo(
     tok_dir = os.path.join(out, "tokenizer")
     over = {
         "out": tok_dir,
+        "overwrite": True,  # each demo starts afresh in its own subdirectories
         "device": dev,
         "seed": seed,
         "optim": {"total_steps": tok_steps},
@@ -152,6 +153,7 @@ def run_demo(
     n_cls = len(EMBEDDED_NAMES)
     over = {
         "out": dit_dir,
+        "overwrite": True,
         "device": dev,
         "seed": seed,
         "data": {"latents": lat_dir},
@@ -234,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
     return run_demo(
-        a.out, a.device, a.tokenizer_steps, a.dit_steps, a.seed, a.threads, not a.no_progress, a.sample_steps
+        a.out,
+        a.device,
+        a.tokenizer_steps,
+        a.dit_steps,
+        a.seed,
+        a.threads,
+        not a.no_progress,
+        a.sample_steps,
+        stage2_steps=a.stage2_steps,
     )
 
 

@@ -13,6 +13,7 @@ as a materialised tensor (``noise: materialized``); label drop-out to the null c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -21,6 +22,7 @@ import torch
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
 from ..data.latents import LatentCacheDataset
+from ..errors import DataError
 from ..models.ditdh import label_drop_mask, training_loss
 from ..models.loading import build_ditdh, load_dit, load_tokenizer
 from ..ops.posterior_flow import posterior_flow
@@ -51,6 +53,12 @@ class DiTTrainer(Trainer):
                     "DiT training needs data.latents (a cache-latents directory) or model.tokenizer for online tokenisation"
                 )
             self.tokenizer = load_tokenizer(mc.tokenizer).to(self.device).eval().requires_grad_(False)
+            size = int(self.tokenizer.config.img_size)  # the tokenizer's input size, not the recipe's
+            if d.image_size != size:
+                logger.info(
+                    "online tokenisation at the tokenizer's %d px (data.image_size=%d ignored)", size, d.image_size
+                )
+                d = dataclasses.replace(d, image_size=size)
             self.dataset = build_image_dataset(d, "train", seed=cfg.seed)
             self.grid, self.channels = self.tokenizer.grid, self.tokenizer.token_channels
             mean, std = self.tokenizer.latent_mean.cpu(), self.tokenizer.latent_std.cpu()
@@ -61,7 +69,7 @@ class DiTTrainer(Trainer):
         self.scale = float(self.tokenizer.config.scale_factor) if self.tokenizer is not None else 1.0
         self.lat_mean = mean.float().to(self.device)
         self.lat_std = std.float().to(self.device)
-        self.num_classes = mc.num_classes
+        self.num_classes = self.data_num_classes(mc.num_classes)
         model = build_ditdh(mc, self.channels, self.grid, self.num_classes).to(self.device)
         if mc.init:
             model.load_state_dict(load_dit(mc.init).state_dict())
@@ -82,6 +90,26 @@ class DiTTrainer(Trainer):
         self.make_optimizer("model", model, weight_decay=cfg.optim.weight_decay)
         self.shift = float(model.default_shift)
         self.data_meta = {"grid": self.grid, "channels": self.channels, "num_classes": self.num_classes}
+
+    def data_num_classes(self, configured: int) -> int:
+        """The classes of the data (the latent cache's ``num_classes``, the image folder's classes), which
+        the model must embed: ``model.num_classes`` only when the data does not say.  Labels outside
+        ``[0, num_classes)`` (index ``num_classes`` is the CFG null class) are a data error."""
+        n = int(getattr(self.dataset, "num_classes", 0) or 0)
+        labels = getattr(self.dataset, "labels", None)
+        top = int(labels.max()) if isinstance(labels, torch.Tensor) and labels.numel() else None
+        if n <= 0:
+            n = top + 1 if top is not None else configured
+        if top is not None and (top >= n or int(labels.min()) < 0):
+            raise DataError(
+                f"data.latents {self.cfg.data.latents}: labels span [{int(labels.min())}, {top}] but the cache "
+                f"declares {n} classes"
+            )
+        if n != configured:
+            logger.info(
+                "the data has %d classes: building a %d-class model (model.num_classes=%d ignored)", n, n, configured
+            )
+        return n
 
     def extra_state(self) -> dict:
         return {"data_meta": self.data_meta}

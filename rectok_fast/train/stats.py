@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import DataConfig
-from ..data.datasets import build_image_dataset
+from ..data.datasets import build_image_dataset, embedded_scale_for
 from ..models.loading import load_tokenizer
 from ..utils import write_json
 from ..utils.distributed import cleanup, init_distributed
@@ -79,6 +79,9 @@ def run_stats(
     tok = load_tokenizer(tokenizer_path).to(info.device).eval()
     if data.image_size != tok.config.img_size:
         data = DataConfig(**{**data.__dict__, "image_size": tok.config.img_size})
+    if data.source == "embedded":  # the crops the tokenizer was trained on (its run's data.embedded_scale)
+        scale = embedded_scale_for(tokenizer_path, data.image_size, default=data.embedded_scale)
+        data = DataConfig(**{**data.__dict__, "embedded_scale": scale})
     per_rank = None if max_images is None else -(-max_images // info.world_size)
     loader = stats_loader(data, batch_size, info.rank, info.world_size, num_workers)
     mu, sd, count = compute_latent_stats(tok, loader, info.device, per_rank)

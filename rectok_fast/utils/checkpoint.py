@@ -22,6 +22,7 @@ from __future__ import annotations
 import _compat_pickle
 import argparse
 import contextlib
+import errno
 import glob
 import io
 import logging
@@ -30,8 +31,10 @@ import pathlib
 import pickle
 import pickletools
 import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -39,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..errors import CheckpointError, DiskFullError, UserError
 
 logger = logging.getLogger("rectok_fast")
 
@@ -50,7 +55,7 @@ TRUST_FLAG = "--trust-remote-code"
 """The CLI flag (``rectok-fast --trust-remote-code CMD ...``) that allows a full unpickle."""
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """A file needs globals outside the allow-list; loading it in full could run code from it.
 
     ``unsafe_globals`` lists them (``module.name``), ``path`` is the file."""
@@ -240,22 +245,161 @@ def safe_torch_load(
         raise UnsafeCheckpointError(msg, path=path, unsafe_globals=tuple(unsafe)) from None
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` atomically (tmp file in the same dir + fsync + ``os.replace``)."""
+# ----------------------------------------------------------------------------- atomic writes
+#
+# A file is written as ``.tmp_<host>_<pid>_<random><suffix>`` in its destination directory, fsync-ed,
+# renamed over the destination and the directory fsync-ed.  The writer's host and pid in the name let
+# :func:`remove_stale_temporaries` delete what a killed writer left behind without ever touching a
+# temporary that a live process is still writing.  Files are created with mode 0o666 & ~umask (like
+# any other file the user writes), not mkstemp's 0600.
+
+_TMP_PREFIX = ".tmp_"
+_TMP_RE = re.compile(r"^\.tmp_(?P<host>[A-Za-z0-9-]+)_(?P<pid>\d+)_[0-9a-f]+\.")
+STALE_TMP_AGE_S = 3600.0
+"""Temporaries of another host (or of an unknown format) are stale once unmodified for this long."""
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _tmp_path(d: str, suffix: str) -> str:
+    return os.path.join(d, f"{_TMP_PREFIX}{_host_tag()}_{os.getpid()}_{secrets.token_hex(4)}{suffix}")
+
+
+def _create(path: str) -> int:
+    """``O_CREAT | O_EXCL`` with mode 0o666 (the umask applies)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(d: str, *, max_age_s: float = STALE_TMP_AGE_S) -> list[str]:
+    """Delete the ``.tmp_*`` files a killed writer left in ``d``; returns the removed paths.
+
+    A temporary is stale when its writer (host + pid in the name) is this host and that process is
+    gone, or -- another host's, or a name without a writer -- when it was last modified more than
+    ``max_age_s`` ago (a live writer keeps touching it).  A live process's temporary is never removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return removed
+    host, now = _host_tag(), time.time()
+    for n in names:
+        if not n.startswith(_TMP_PREFIX):
+            continue
+        p = os.path.join(d, n)
+        m = _TMP_RE.match(n)
+        try:
+            if m and m.group("host") == host:
+                stale = not _pid_alive(int(m.group("pid")))
+            else:
+                stale = now - os.stat(p).st_mtime > max_age_s
+            if stale and os.path.isfile(p):
+                os.remove(p)
+                removed.append(p)
+        except OSError:
+            continue
+    for p in removed:
+        logger.warning("removed a stale temporary left by an interrupted write: %s", p)
+    return removed
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _WriteRecorder(io.RawIOBase):
+    """A binary file that remembers the first ``OSError`` of a write (``torch.save`` turns it into an
+    opaque ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _atomic_write(path: str, write, suffix: str) -> None:
+    """Write ``path`` through ``write(tmp_path)`` into a temporary beside it, fsync, rename, fsync the
+    directory.  On any failure the temporary is removed and ``path`` (the previous version) is left
+    as it was; a full disk raises :class:`~rectok_fast.errors.DiskFullError` naming ``path``."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=d)
+    tmp = _tmp_path(d, suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, Exception) and _disk_full(e):
+            raise DiskFullError(
+                f"no space left on device while writing {path} (the previous file, if any, is unchanged)", path
+            ) from e
         raise
     _fsync_dir(d)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically (temporary in the same dir + fsync + ``os.replace`` + fsync
+    of the directory).  Raises :class:`~rectok_fast.errors.DiskFullError` when the disk fills up."""
+
+    def write(tmp: str) -> None:
+        with os.fdopen(_create(tmp), "wb") as f:
+            rec = _WriteRecorder(f)
+            try:
+                torch.save(obj, rec)
+                f.flush()
+            except Exception as e:
+                if rec.error is not None and rec.error is not e:
+                    raise rec.error from e
+                raise
+
+    _atomic_write(path, write, ".pt")
 
 
 def _fsync_dir(d: str) -> None:
@@ -272,20 +416,26 @@ def _fsync_dir(d: str) -> None:
 
 
 def _atomic_copy(src: str, dst: str) -> None:
+    """``dst`` becomes a copy of ``src`` atomically: a hard link when the file system allows (same
+    inode), else a byte copy; the directory is fsync-ed."""
     d = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=d)
-    os.close(fd)
+    tmp = _tmp_path(d, ".pt")
     try:
-        os.remove(tmp)
         try:
             os.link(src, tmp)  # cheap: same inode, then an atomic rename
         except OSError:
-            shutil.copyfile(src, tmp)
+            with open(src, "rb") as fi, os.fdopen(_create(tmp), "wb") as fo:
+                shutil.copyfileobj(fi, fo)
+                fo.flush()
+                os.fsync(fo.fileno())
         os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, Exception) and _disk_full(e):
+            raise DiskFullError(f"no space left on device while writing {dst}", dst) from e
         raise
+    _fsync_dir(d)
 
 
 def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -311,6 +461,7 @@ def save_checkpoint(
     Call it on one rank only (see :func:`rectok_fast.utils.distributed.is_main`)."""
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     path = os.path.join(ckpt_dir, f"step_{step:08d}.pt")
+    remove_stale_temporaries(ckpt_dir)
     atomic_torch_save(state, path)
     _atomic_copy(path, os.path.join(ckpt_dir, "latest.pt"))
     if keep_last is not None and keep_last > 0:
@@ -343,23 +494,79 @@ def load_checkpoint(
         path, map_location=map_location, trust_remote_code=trust_remote_code, what="load_checkpoint"
     )
     if not isinstance(state, dict):
-        raise TypeError(f"load_checkpoint: {path!r} holds a {type(state).__name__}, not a training checkpoint dict")
+        raise CheckpointError(
+            f"load_checkpoint: {path!r} holds a {type(state).__name__}, not a training checkpoint dict"
+        )
     return state
 
 
+def _unreadable(e: BaseException) -> bool:
+    """A load failure that means a damaged file (truncated zip, short read), not a refused or bad one."""
+    if isinstance(e, UnsafeCheckpointError):
+        return False
+    if isinstance(e, (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)):
+        return True
+    return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError))
+
+
+def _describe(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return (msg[:160] + "...") if len(msg) > 160 else msg or type(e).__name__
+
+
+def load_latest_checkpoint(
+    out_dir: str, map_location: str | torch.device = "cpu", *, trust_remote_code: bool | None = None
+) -> tuple[str, dict] | None:
+    """The newest intact checkpoint of a run: ``(path, state)``, or ``None`` when there is none.
+
+    Tries ``OUT/checkpoints/latest.pt``, then the ``step_*.pt`` files newest first, skipping any that
+    is the same file as one already found damaged (``latest.pt`` is a hard link of its step file).
+    A damaged file (truncated, not a zip, short read) logs a warning saying what is wrong and which
+    file is used instead; when every file is damaged, :class:`~rectok_fast.errors.CheckpointError`.
+    Refusals of the trust policy are never skipped over."""
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    remove_stale_temporaries(ckpt_dir)
+    cands = [os.path.join(ckpt_dir, "latest.pt")] + [p for _, p in reversed(list_checkpoints(ckpt_dir))]
+    cands = [p for p in cands if os.path.isfile(p)]
+    if not cands:
+        return None
+    bad: list[tuple[str, str]] = []
+    for p in cands:
+        if any(os.path.samefile(p, b) for b, _ in bad):
+            continue
+        try:
+            state = load_checkpoint(p, map_location=map_location, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            if not _unreadable(e):
+                raise
+            bad.append((p, _describe(e)))
+            logger.warning("checkpoint %s is damaged (truncated or corrupt: %s); trying an older one", p, bad[-1][1])
+            continue
+        if bad:
+            logger.warning(
+                "resuming from %s (step %s) instead of the damaged %s",
+                p,
+                state.get("step"),
+                ", ".join(b for b, _ in bad),
+            )
+        return p, state
+    raise CheckpointError(
+        f"no intact checkpoint under {ckpt_dir}: "
+        + "; ".join(f"{os.path.basename(b)}: {why}" for b, why in bad)
+        + " (start afresh with --overwrite)"
+    )
+
+
 def export_safetensors(state_dict: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Inference weights to safetensors (contiguous CPU tensors, shared storage broken), atomically."""
-    from safetensors.torch import save_file
+    """Inference weights to safetensors (contiguous CPU tensors, shared storage broken), atomically
+    (temporary + fsync + rename + fsync of the directory; mode from the umask)."""
+    from safetensors.torch import save
 
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    data = save(sd, metadata=metadata)
+
+    def write(tmp: str) -> None:
+        with os.fdopen(_create(tmp), "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, write, ".safetensors")

@@ -31,6 +31,34 @@ def setup_logging(out_dir: str | None, is_main: bool = True) -> None:
     root.propagate = False
 
 
+def truncate_metrics(path: str, step: int) -> int:
+    """Drop the records of ``path`` (a ``metrics.jsonl``) with ``step`` after ``step``: a resumed run
+    re-runs them.  Rewrites the file atomically; unparsable lines (a record cut by a kill) go too.
+    Returns the number of records removed."""
+    if not os.path.isfile(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                s = int(rec["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if s <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp_{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        logger.info("metrics.jsonl: dropped %d record(s) after step %d (re-run after the resume)", dropped, step)
+    return dropped
+
+
 class MetricLogger:
     """Writes one JSON object per line to ``OUT/metrics.jsonl`` (main rank only) and mirrors scalars to
     TensorBoard / W&B when requested and installed (a clear warning otherwise, never a crash)."""
