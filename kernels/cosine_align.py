@@ -4,6 +4,11 @@ Rows are tokens (M = prod of leading dims), columns the feature dim D.  Each pro
 ``BLOCK_M`` rows and loops over D in ``BLOCK_D`` chunks, accumulating in fp32.  The forward writes
 3 fp32 stats per row (dot, ||pred||, ||target||) and the weighted per-row loss; the backward reads
 pred and target once more and recomputes the gradient of cos from the stats.
+
+NaN and Inf propagate as through the reference: the norm clamps and the relu keep NaN (a NaN
+token's loss is NaN, not 0; so is the loss for ``margin=nan``), their gradients pass where torch's
+do (``norm >= eps``; relu: unless ``1 - cos - margin <= 0``, so also for NaN), so a NaN row's
+gradient is NaN.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ import triton
 import triton.language as tl
 
 from ._rows import load_pair, row_tile, store_row_loss, weighted
+
+
+@triton.jit
+def _clamp_min(x, lo):
+    """``torch.clamp_min``: NaN stays NaN (``tl.maximum`` would return ``lo``)."""
+    return tl.where(x < lo, lo, x)
 
 
 @triton.jit
@@ -46,8 +57,8 @@ def cosine_align_fwd_kernel(
         tt += tl.sum(t * t, axis=1)
     pn = tl.sqrt(pp)
     tn = tl.sqrt(tt)
-    cos = dot / (tl.maximum(pn, eps) * tl.maximum(tn, eps))
-    loss = tl.maximum(1.0 - cos - margin, 0.0)
+    cos = dot / (_clamp_min(pn, eps) * _clamp_min(tn, eps))
+    loss = tl.where(1.0 - cos - margin < 0.0, 0.0, 1.0 - cos - margin)  # relu that keeps NaN
     store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, dot, pn, tn, HAS_WEIGHT, 3)
 
 
@@ -77,12 +88,13 @@ def cosine_align_bwd_kernel(
     dot = tl.load(STATS + rows * 3, mask=row_ok, other=0.0)
     pn = tl.load(STATS + rows * 3 + 1, mask=row_ok, other=1.0)
     tn = tl.load(STATS + rows * 3 + 2, mask=row_ok, other=1.0)
-    pnc = tl.maximum(pn, eps)
-    tnc = tl.maximum(tn, eps)
+    pnc = _clamp_min(pn, eps)
+    tnc = _clamp_min(tn, eps)
     cos = dot / (pnc * tnc)
-    # d loss / d cos = -scale * w  where relu is active (strictly positive, as torch's relu backward)
+    # d loss / d cos = -scale * w  unless relu's input is <= 0 (torch's threshold_backward: so the
+    # gradient passes for a NaN input, e.g. margin=nan)
     g = tl.load(SCALE).to(tl.float32)
-    active = (1.0 - cos - margin) > 0.0
+    active = ~((1.0 - cos - margin) <= 0.0)
     coef = weighted(tl.where(active & row_ok, -g, 0.0), W, rows, row_ok, HAS_WEIGHT)
     inv = 1.0 / (pnc * tnc)
     # norms clamped at eps have zero gradient (clamp_min backward passes where norm >= eps)

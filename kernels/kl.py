@@ -10,6 +10,10 @@ sum) for the student and the teacher plus ``A = sum exp(t' - m_t) (t' - s')``, s
 ``KL(p_t || p_s) = A / l_t - lse_t + lse_s``.  The forward stores, per row, each softmax's max and
 log-sum apart (``lse = max + log l`` rounded to one fp32 would cost ~ulp(max) in every log-prob of
 the backward when logits are large) and KL; the backward recomputes both softmaxes in one pass.
+The launcher gives each row to one warp (``num_warps=1``), so the row reductions are warp shuffles.
+
+NaN and Inf propagate as through the reference: the logvar clamp keeps NaN (``torch.clamp``) and
+its gradient passes where ``lo <= logvar <= hi`` (bounds included, NaN excluded).
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ import triton.language as tl
 from ._rows import load_pair, row_tile, store_row_loss, weighted
 
 # ----------------------------------------------------------------------------- gaussian KL
+
+
+@triton.jit
+def _clamp_nan(x, lo, hi):
+    """``x`` clamped to [lo, hi] with NaN kept NaN (``torch.clamp``; ``tl.minimum``/``tl.maximum``
+    would return the bound)."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
 
 @triton.jit
@@ -50,7 +61,7 @@ def gaussian_kl_fwd_kernel(
         m = tl.load(MEAN + b * stride_mb + i * stride_ml, mask=ok, other=0.0).to(tl.float32)
         lv = tl.load(LOGVAR + b * stride_vb + i * stride_vl, mask=ok, other=0.0).to(tl.float32)
         if CLAMP:
-            lv = tl.minimum(tl.maximum(lv, lo), hi)
+            lv = _clamp_nan(lv, lo, hi)
         term = m * m + tl.exp(lv) - 1.0 - lv
         acc += tl.where(ok, term, 0.0)
     tl.store(PARTIAL + b * n_split + s, 0.5 * tl.sum(acc, axis=0))
@@ -85,9 +96,10 @@ def gaussian_kl_bwd_kernel(
         m = tl.load(MEAN + b * stride_mb + i * stride_ml, mask=ok, other=0.0).to(tl.float32)
         lv = tl.load(LOGVAR + b * stride_vb + i * stride_vl, mask=ok, other=0.0).to(tl.float32)
         if CLAMP:
-            # the clamp passes the gradient strictly inside (lo, hi) (torch >= 2.14's clamp backward)
-            dlv = 0.5 * g * (tl.exp(tl.minimum(tl.maximum(lv, lo), hi)) - 1.0)
-            dlv = tl.where((lv > lo) & (lv < hi), dlv, 0.0)
+            # the clamp passes the gradient where lo <= lv <= hi, bounds included (the project's
+            # convention, written out in the reference); 0 outside and for NaN
+            dlv = 0.5 * g * (tl.exp(_clamp_nan(lv, lo, hi)) - 1.0)
+            dlv = tl.where((lv >= lo) & (lv <= hi), dlv, 0.0)
         else:
             dlv = 0.5 * g * (tl.exp(lv) - 1.0)
         tl.store(DMEAN + b * L + i, (g * m).to(DMEAN.dtype.element_ty), mask=ok)
@@ -113,10 +125,18 @@ def kl_align_fwd_kernel(
     inv_temp,
     temp_sq,
     HAS_WEIGHT: tl.constexpr,
+    EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no column masks
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Online softmax over D chunks in the inputs' own units: the running maxima are of the raw
+    rows (T > 0 commutes with max), exponentials are ``exp2((x - max) * log2(e) / T)``, and
+    ``A = Σ exp(t/T - m_t)·(t - s)`` is scaled by 1/T once at the end.  Rows past M are read as
+    row M - 1 (no row masks on loads) and not stored.  The launcher sizes the tile so that a row
+    lives in one warp: every reduction is a warp shuffle, never a shared-memory round trip."""
     rows, row_ok, cols = row_tile(M, BLOCK_M, BLOCK_D)  # (BLOCK_M,), (BLOCK_M,), (BLOCK_D,)
+    rows_ld = tl.minimum(rows, M - 1)
+    c2 = inv_temp * 1.4426950408889634  # log2(e) / T
     m_s = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     m_t = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -124,26 +144,34 @@ def kl_align_fwd_kernel(
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
-        col_ok = (c < D)[None, :]  # (1, BLOCK_D)
-        msk = row_ok[:, None] & col_ok  # (BLOCK_M, BLOCK_D)
-        s, t = load_pair(S, T, rows, c, msk, stride_sm, stride_sd, stride_tm, stride_td)
-        s = s * inv_temp
-        t = t * inv_temp
-        # padded columns are -inf for the max and contribute 0 to the sums; every chunk has >= 1 valid column
-        s_m = tl.where(col_ok, s, float("-inf"))
-        t_m = tl.where(col_ok, t, float("-inf"))
-        ms_new = tl.maximum(m_s, tl.max(s_m, axis=1))
-        mt_new = tl.maximum(m_t, tl.max(t_m, axis=1))
-        l_s = l_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(s_m - ms_new[:, None]), axis=1)
-        e_t = tl.exp(t_m - mt_new[:, None])
-        alpha_t = tl.exp(m_t - mt_new)
+        if EVEN_D:
+            s = tl.load(S + rows_ld[:, None] * stride_sm + c[None, :] * stride_sd).to(tl.float32)
+            t = tl.load(T + rows_ld[:, None] * stride_tm + c[None, :] * stride_td).to(tl.float32)
+        else:
+            col_ok = (c < D)[None, :]
+            # padded columns: -inf for the maxima and the sums (exp2(-inf) = 0), masked out of A below
+            s = tl.load(S + rows_ld[:, None] * stride_sm + c[None, :] * stride_sd, mask=col_ok, other=float("-inf"))
+            t = tl.load(T + rows_ld[:, None] * stride_tm + c[None, :] * stride_td, mask=col_ok, other=float("-inf"))
+            s = s.to(tl.float32)
+            t = t.to(tl.float32)
+        ms_new = tl.maximum(m_s, tl.max(s, axis=1))
+        mt_new = tl.maximum(m_t, tl.max(t, axis=1))
+        e_s = tl.exp2((s - ms_new[:, None]) * c2)
+        e_t = tl.exp2((t - mt_new[:, None]) * c2)
+        alpha_t = tl.exp2((m_t - mt_new) * c2)
+        l_s = l_s * tl.exp2((m_s - ms_new) * c2) + tl.sum(e_s, axis=1)
         l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-        acc = acc * alpha_t + tl.sum(tl.where(col_ok, e_t * (t - s), 0.0), axis=1)
+        a = e_t * (t - s)
+        if not EVEN_D:
+            a = tl.where(col_ok, a, 0.0)
+        acc = acc * alpha_t + tl.sum(a, axis=1)
         m_s = ms_new
         m_t = mt_new
+    m_s = m_s * inv_temp
+    m_t = m_t * inv_temp
     log_l_s = tl.log(l_s)
     log_l_t = tl.log(l_t)
-    kl = acc / l_t - (m_t - m_s) - (log_l_t - log_l_s)
+    kl = (acc * inv_temp) / l_t - (m_t - m_s) - (log_l_t - log_l_s)
     loss = kl * temp_sq
     # stats row: (m_s, m_t, KL, log l_s, log l_t)
     store_row_loss(ROWLOSS, STATS, W, rows, row_ok, loss, m_s, m_t, kl, HAS_WEIGHT, 5)

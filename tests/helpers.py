@@ -51,3 +51,21 @@ def reference_file(name: str):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ‖a − b‖ / ‖b‖ in fp64 (the golden-tensor criterion, ≤ 1e-5)."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def assert_same_nan_inf(fn, fn_ref, inputs, needs) -> tuple[torch.Tensor, list]:
+    """``fn`` and ``fn_ref`` give the same forward value and gradients (of ``out.sum()`` with respect
+    to the inputs flagged in ``needs``), NaN where the reference is NaN, Inf where it is Inf (values
+    close, rtol 1e-5).  Returns the reference's (out, grads)."""
+    results = []
+    for f in (fn, fn_ref):
+        xs = [x.detach().clone().requires_grad_(n) for x, n in zip(inputs, needs)]
+        out = f(*xs)
+        grads = torch.autograd.grad(out.sum(), [x for x in xs if x.requires_grad])
+        results.append((out.detach(), list(grads)))
+    (o1, g1), (o2, g2) = results
+    for what, a, b in [("out", o1, o2)] + [(f"grad {i}", a, b) for i, (a, b) in enumerate(zip(g1, g2))]:
+        a, b = a.double(), b.double()
+        ok = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= 1e-5 * (1 + b.abs()))
+        assert a.shape == b.shape and bool(ok.all()), f"{what}: {a} vs reference {b}"
+    return o2, g2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_fa_rule
+from helpers import assert_fa_rule, assert_same_nan_inf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -221,6 +221,44 @@ def test_fuzz(M, D, margin, masked, seed):
     _check_fp32(pred, target, mask, margin)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("grad_target", [False, True])
+@pytest.mark.parametrize(
+    "where, value", [("pred", NAN), ("pred", INF), ("pred", -INF), ("target", NAN), ("target", INF)]
+)
+@pytest.mark.parametrize("D", [8, 67])
+def test_nan_inf_like_reference(kernel_device, where, value, grad_target, D):
+    """A NaN/Inf token makes the loss NaN (it used to count as 0 on Triton) and its row's gradient
+    NaN, exactly as the reference, also when the token is masked out (NaN * 0)."""
+    p, t = torch.randn(2, 3, D, device=kernel_device), torch.randn(2, 3, D, device=kernel_device)
+    (p if where == "pred" else t)[1, 2, 5] = value
+    mask = torch.tensor([[True, False, True], [True, True, False]], device=kernel_device)
+    for m in (None, mask):
+        out, _ = assert_same_nan_inf(
+            lambda a, b, m=m: cosine_align_loss(a, b, m, 0.1, grad_target=grad_target, backend="triton"),
+            lambda a, b, m=m: R.cosine_align_loss(a, b, m, 0.1, grad_target=grad_target),
+            (p, t),
+            (True, grad_target),
+        )
+        assert out.isnan()
+
+
+@pytest.mark.parametrize("margin", [NAN, INF, -INF, 2])
+def test_margin_nan_inf_like_reference(kernel_device, margin):
+    """margin=nan: loss NaN (it used to be 0.0) and the gradient torch's relu passes for NaN."""
+    p, t = torch.randn(2, 3, 8, device=kernel_device), torch.randn(2, 3, 8, device=kernel_device)
+    out, grads = assert_same_nan_inf(
+        lambda a, b: cosine_align_loss(a, b, None, margin, backend="triton"),
+        lambda a, b: R.cosine_align_loss(a, b, None, margin),
+        (p, t),
+        (True, False),
+    )
+    if margin != margin:
+        assert out.isnan() and grads[0].abs().sum() > 0
+
+
 def test_bad_inputs(kernel_device):
     p, t = torch.randn(2, 3, 8, device=kernel_device), torch.randn(2, 3, 8, device=kernel_device)
     with pytest.raises(TypeError, match="`pred`"):
@@ -241,3 +279,7 @@ def test_bad_inputs(kernel_device):
         cosine_align_loss(p, t, backend="cuda")
     with pytest.raises(TypeError, match="fp16/bf16/fp32"):
         cosine_align_loss(p.double(), t.double(), backend="triton")
+    for backend in ("triton", "reference"):  # one rule for both paths
+        for bad in ("0.1", None, True, torch.tensor(0.1)):
+            with pytest.raises(TypeError, match="`margin`"):
+                cosine_align_loss(p, t, None, bad, backend=backend)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from helpers import assert_fa_rule
+from helpers import assert_fa_rule, assert_same_nan_inf
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +20,7 @@ from rectok_fast.ops.kl import (
     kl_align_fwd,
     kl_align_loss,
 )
+from rectok_fast.reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
 
 
 def _grads(fn, inputs, needs, cotangent=None):
@@ -95,14 +98,58 @@ def test_gaussian_kl_clamp_options(kernel_device, logvar_clamp):
 
 
 def test_gaussian_kl_clamp_gradient_mask(kernel_device):
-    # the gradient passes strictly inside (lo, hi): 0 outside and on the bounds themselves
+    """The clamp's gradient passes where lo <= logvar <= hi, bounds included (the project's
+    convention, on every torch: torch 2.11's clamp passes at the bounds, 2.14's does not), on both
+    backends; 0 outside the range."""
     mean = torch.zeros(2, 4, device=kernel_device)
     logvar = torch.tensor([[-30.0, 20.0, -31.0, 21.0], [0.0, 1.0, -1.0, 19.5]], device=kernel_device)
     g = torch.tensor([1.0, 2.0], device=kernel_device)
-    _, _, dlv = _grads(lambda m, v: gaussian_kl(m, v, backend="triton"), (mean, logvar), (True, True), g)
     expected = torch.zeros_like(logvar)
+    expected[0, 0] = 1.0 * 0.5 * (math.exp(-30.0) - 1.0)
+    expected[0, 1] = 1.0 * 0.5 * (math.exp(20.0) - 1.0)
     expected[1] = 2.0 * 0.5 * (logvar[1].exp() - 1.0)
-    torch.testing.assert_close(dlv, expected, rtol=1e-6, atol=0.0)
+    for backend in ("triton", "reference"):
+        _, _, dlv = _grads(lambda m, v, b=backend: gaussian_kl(m, v, backend=b), (mean, logvar), (True, True), g)
+        torch.testing.assert_close(dlv, expected, rtol=1e-6, atol=0.0, msg=backend)
+    # exactly at a custom bound too, and the reference's mask is not torch.clamp's backward
+    lv = torch.tensor([[-2.0, 1.5, 1.5000001, -2.0000002]], device=kernel_device)
+    for backend in ("triton", "reference"):
+        _, _, dlv = _grads(
+            lambda m, v, b=backend: gaussian_kl(m, v, logvar_clamp=(-2.0, 1.5), backend=b), (mean[:1], lv), (True, True)
+        )
+        assert (dlv[0, :2] != 0).all() and (dlv[0, 2:] == 0).all(), (backend, dlv)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "where, value, clamp",
+    [
+        ("logvar", NAN, True),
+        ("logvar", NAN, False),
+        ("logvar", INF, True),
+        ("logvar", -INF, True),
+        ("logvar", INF, False),
+        ("mean", NAN, True),
+        ("mean", INF, True),
+    ],
+)
+def test_gaussian_kl_nan_inf_like_reference(kernel_device, where, value, clamp):
+    """A NaN logvar gives a NaN KL (the clamp keeps NaN; it used to map to -30) and no gradient
+    through the clamp, exactly as the reference; Inf saturates at the clamp."""
+    mean, logvar = _gkl_inputs((2, 3, 7), kernel_device)
+    x = logvar if where == "logvar" else mean
+    x[0, 1, 2] = value
+    lc = (LOGVAR_MIN, LOGVAR_MAX) if clamp else None
+    out, _ = assert_same_nan_inf(
+        lambda m, v: gaussian_kl(m, v, logvar_clamp=lc, backend="triton"),
+        lambda m, v: R.gaussian_kl(m, v, logvar_clamp=lc),
+        (mean, logvar),
+        (True, True),
+    )
+    if value != value:
+        assert out[0].isnan() and not out[1].isnan()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -165,6 +212,13 @@ def test_gaussian_kl_empty_and_backend(kernel_device):
         torch.randn(3, 0, device=kernel_device), torch.randn(3, 0, device=kernel_device), backend="triton"
     )
     assert out.shape == (3,) and torch.count_nonzero(out) == 0
+    for shape in ((0, 5), (0, 4, 3), (0, 0)):  # an empty batch: empty results, like the reference
+        m = torch.randn(shape, device=kernel_device, requires_grad=True)
+        v = torch.randn(shape, device=kernel_device, requires_grad=True)
+        out = gaussian_kl(m, v, backend="triton")
+        assert out.shape == (0,) and out.dtype == torch.float32
+        dm, dv = torch.autograd.grad(out.sum(), (m, v))
+        assert dm.shape == shape and dv.shape == shape
     m, v = torch.randn(2, 5), torch.randn(2, 5)
     torch.testing.assert_close(gaussian_kl(m, v), R.gaussian_kl(m, v))  # auto on CPU -> reference
     assert last_backend("gaussian_kl") == "reference"
@@ -377,6 +431,45 @@ def test_gaussian_kl_fuzz(B, L, spread, seed):
     _check_gkl(mean, logvar)
 
 
+@pytest.mark.parametrize("grad_target", [False, True])
+@pytest.mark.parametrize(
+    "where, value", [("student", NAN), ("student", INF), ("student", -INF), ("teacher", NAN), ("teacher", INF)]
+)
+@pytest.mark.parametrize("D", [8, 67])
+def test_kl_align_nan_inf_like_reference(kernel_device, where, value, grad_target, D):
+    s, t = torch.randn(2, 3, D, device=kernel_device), torch.randn(2, 3, D, device=kernel_device)
+    (s if where == "student" else t)[1, 2, 5] = value
+    mask = torch.tensor([[True, False, True], [True, True, False]], device=kernel_device)  # the bad token masked out
+    for m in (None, mask):
+        assert_same_nan_inf(
+            lambda a, b, m=m: kl_align_loss(a, b, 1.5, m, grad_target=grad_target, backend="triton"),
+            lambda a, b, m=m: R.kl_align_loss(a, b, 1.5, m, grad_target=grad_target),
+            (s, t),
+            (True, grad_target),
+        )
+
+
+def test_kl_align_tile_config():
+    """GPU tiles: one warp per program, a chunk that divides D when a power of two >= 256 does."""
+    from rectok_fast.ops import kl as K
+
+    cases = {
+        1024: (1, 1024, True),
+        768: (2, 256, True),
+        1536: (1, 512, True),
+        1000: (1, 1024, False),
+        64: (8, 64, True),
+    }
+    real = K.compile_for_interpreter
+    try:
+        K.compile_for_interpreter = lambda: False
+        for D, (bm, bd, even) in cases.items():
+            meta = K.kl_align_tile(65536, D)
+            assert (meta["BLOCK_M"], meta["BLOCK_D"], meta["EVEN_D"], meta["num_warps"]) == (bm, bd, even, 1), D
+    finally:
+        K.compile_for_interpreter = real
+
+
 def test_kl_align_bad_inputs(kernel_device):
     s, t = torch.randn(2, 3, 8, device=kernel_device), torch.randn(2, 3, 8, device=kernel_device)
     with pytest.raises(TypeError, match="`student`"):
@@ -387,6 +480,12 @@ def test_kl_align_bad_inputs(kernel_device):
         kl_align_loss(s, t[:, :2])
     with pytest.raises(ValueError, match="`temperature`"):
         kl_align_loss(s, t, 0.0)
+    for bad in (float("inf"), float("nan"), -float("inf"), -1.0):  # inf used to give NaN
+        for backend in ("triton", "reference"):
+            with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
+                kl_align_loss(s, t, bad, backend=backend)
+    with pytest.raises(TypeError, match="`temperature`"):
+        kl_align_loss(s, t, "1.0")
     with pytest.raises(ValueError, match="`mask`"):
         kl_align_loss(s, t, 1.0, torch.ones(3, 2, dtype=torch.bool, device=kernel_device))
     with pytest.raises(TypeError, match="`mask`"):

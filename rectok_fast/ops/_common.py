@@ -83,14 +83,18 @@ def row_loss_fwd(
     weight: torch.Tensor | None,
     scalars: tuple[float, ...],
     n_stats: int = 3,
+    tile=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch a row-loss forward kernel: (loss 0-dim fp32 = Σ rowloss / count, stats (M, n_stats) fp32)."""
+    """Launch a row-loss forward kernel: (loss 0-dim fp32 = Σ rowloss / count, stats (M, n_stats) fp32).
+
+    ``tile(M, D) -> dict`` (optional) returns ``BLOCK_M``, ``BLOCK_D``, ``num_warps`` and any extra
+    constexprs of the kernel; default: :func:`row_tile_config`."""
     M, D = a.shape
     stats = torch.empty((M, n_stats), dtype=torch.float32, device=a.device)
     rowloss = torch.empty((M,), dtype=torch.float32, device=a.device)
     if M > 0:
-        block_m, block_d, num_warps = row_tile_config(M, D, a.device)
-        kernel[(triton.cdiv(M, block_m),)](
+        meta = _tile_meta(tile, M, D, a.device)
+        kernel[(triton.cdiv(M, meta["BLOCK_M"]),)](
             a,
             b,
             weight if weight is not None else rowloss,  # dummy pointer when HAS_WEIGHT=False
@@ -104,11 +108,16 @@ def row_loss_fwd(
             b.stride(1),
             *scalars,
             HAS_WEIGHT=weight is not None,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
+            **meta,
         )
     return rowloss.sum() / mean_count(weight, M, a.device), stats
+
+
+def _tile_meta(tile, M: int, D: int, device: torch.device) -> dict:
+    if tile is not None:
+        return tile(M, D)
+    block_m, block_d, num_warps = row_tile_config(M, D, device)
+    return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
 def row_loss_bwd(
@@ -120,15 +129,17 @@ def row_loss_bwd(
     stats: torch.Tensor,
     scalars: tuple[float, ...],
     grad_target: bool,
+    tile=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch a row-loss backward kernel: (da (M, D) in a's dtype, db (M, D) or (0,) unless grad_target)."""
+    """Launch a row-loss backward kernel: (da (M, D) in a's dtype, db (M, D) or (0,) unless grad_target);
+    ``tile`` as in :func:`row_loss_fwd`."""
     M, D = a.shape
     da = torch.empty((M, D), dtype=a.dtype, device=a.device)
     db = torch.empty((M, D) if grad_target else (0,), dtype=b.dtype, device=b.device)
     if M > 0 and D > 0:
         scale = (grad.float() / mean_count(weight, M, a.device)).contiguous()
-        block_m, block_d, num_warps = row_tile_config(M, D, a.device)
-        kernel[(triton.cdiv(M, block_m),)](
+        meta = _tile_meta(tile, M, D, a.device)
+        kernel[(triton.cdiv(M, meta["BLOCK_M"]),)](
             a,
             b,
             weight if weight is not None else stats,  # dummy pointer when HAS_WEIGHT=False
@@ -145,9 +156,7 @@ def row_loss_bwd(
             *scalars,
             HAS_WEIGHT=weight is not None,
             GRAD_TARGET=grad_target,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
+            **meta,
         )
     return da, db
 

@@ -89,7 +89,8 @@ def cosine_align_loss(
         mask: optional bool or float tensor of shape ``pred.shape[:-1]``; True/nonzero tokens are
             counted (float values weight them).  The mean divides by ``max(sum(mask), 1)``, so no
             selected token gives a loss of 0 and zero gradients.
-        margin: tokens with ``1 - cos <= margin`` contribute 0 (and no gradient).
+        margin: a number; tokens with ``1 - cos <= margin`` contribute 0 (and no gradient).  NaN
+            and Inf propagate as through the reference (``margin=nan`` gives a NaN loss).
         grad_target: also differentiate with respect to ``target`` (detached otherwise).
         backend: ``"auto"`` (Triton on CUDA tensors, else the PyTorch reference), ``"triton"`` or
             ``"reference"``; :func:`rectok_fast.last_backend` says which ran.  fp64 inputs run the
@@ -107,6 +108,8 @@ def cosine_align_loss(
     if mask is not None:
         check_tensor(OP, "mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES)
         check_shape(OP, "mask", mask, tuple(pred.shape[:-1]))
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"{OP}: `margin` must be a number, got {type(margin).__name__}")
     check_same_device(OP, pred=pred, target=target, mask=mask)
     chosen = kernel_backend(OP, backend, resolve_triton_backend(OP, backend, pred, target, mask), pred, target)
     if chosen == "reference":

@@ -7,6 +7,8 @@ Chains: :mod:`rectok_fast.kernels.kl` (Triton) -> ``rectok_fast::gaussian_kl_fwd
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -25,6 +27,7 @@ from ._common import (
     row_loss_bwd_fake,
     row_loss_fwd,
     row_loss_fwd_fake,
+    row_tile_config,
 )
 
 # ============================================================================= gaussian KL
@@ -38,7 +41,7 @@ def _split_config(B: int, L: int, device: torch.device) -> tuple[int, int, int, 
     n_split = 1 if interp else min(n_chunks, max(1, 1024 // max(B, 1)))
     span = triton.cdiv(n_chunks, n_split) * block
     n_split = triton.cdiv(L, span)
-    return block, span, n_split, 4 if block <= 512 else 8
+    return block, span, n_split, 4 if block <= 1024 else 8  # 4 warps x 32 lanes x 8 bf16: 128-bit accesses
 
 
 @torch.library.custom_op("rectok_fast::gaussian_kl_fwd", mutates_args=())
@@ -138,8 +141,9 @@ def gaussian_kl(
     Args:
         mean: (B, ...) posterior means (fp16, bf16, fp32 or fp64).
         logvar: same shape and device as ``mean`` (dtype may differ); clamped to ``logvar_clamp``
-            (default [-30, 20], as the official DiagonalGaussian; ``None`` disables it) before use,
-            and receives no gradient where it lies outside that range or on its bounds.
+            (default [-30, 20], as the official DiagonalGaussian; ``None`` disables it) before use;
+            the gradient passes where ``lo <= logvar <= hi`` (bounds included) and is 0 outside
+            that range and where logvar is NaN (whose KL is NaN, as through the reference).
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (see :mod:`rectok_fast._backend`);
             fp64 inputs run the reference under ``"auto"``.
 
@@ -159,12 +163,39 @@ def gaussian_kl(
     chosen = kernel_backend(op, backend, chosen, mean, logvar)
     if chosen == "reference":
         return reference.gaussian_kl(mean, logvar, logvar_clamp=logvar_clamp)
-    B = mean.shape[0]
+    B, L = mean.shape[0], math.prod(mean.shape[1:])  # reshape(B, -1) is ambiguous for B = 0
     lo, hi = (float(logvar_clamp[0]), float(logvar_clamp[1])) if logvar_clamp is not None else (0.0, 0.0)
-    return gaussian_kl_fwd(mean.reshape(B, -1), logvar.reshape(B, -1), lo, hi, logvar_clamp is not None)
+    return gaussian_kl_fwd(mean.reshape(B, L), logvar.reshape(B, L), lo, hi, logvar_clamp is not None)
 
 
 # ============================================================================= softmax KL alignment
+
+
+def kl_align_tile(M: int, D: int, *, forward: bool = True) -> dict:
+    """Launch meta of the kl_align kernels (``BLOCK_M``, ``BLOCK_D``, ``num_warps``, and ``EVEN_D``
+    for the forward), decided by the compile target (:func:`compile_for_interpreter`).
+
+    GPU: one warp per program (``num_warps=1``) holding whole rows, so every row reduction of the
+    online softmax is a warp shuffle (no shared memory, no barrier); D is streamed in chunks of up to
+    1024 columns (32 per lane), preferring a power of two that divides D (no column masks).
+    Interpreter: :func:`row_tile_config`'s large tiles (each program instance costs the same)."""
+    if compile_for_interpreter():
+        block_m, block_d, num_warps = row_tile_config(M, D, None)
+    else:
+        block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
+        if D % block_d and (D & -D) >= 256:
+            block_d = min(D & -D, 1024)  # e.g. D = 768: three chunks of 256
+        block_m = max(1, min(512 // block_d, triton.next_power_of_2(max(M, 1))))
+        num_warps = 1
+    meta = {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps}
+    if forward:
+        meta["EVEN_D"] = D % block_d == 0
+    return meta
+
+
+def _kl_align_bwd_tile(M: int, D: int) -> dict:
+    return kl_align_tile(M, D, forward=False)
+
 
 # Per-row stats of the forward: the row max and the log of the shifted sum of each softmax, kept
 # apart (not as one log-sum-exp) so the backward's ``(x/T - max) - log(sum)`` keeps full fp32
@@ -178,7 +209,9 @@ def kl_align_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """student, teacher: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 5) fp32)."""
     scalars = (1.0 / float(temperature), float(temperature) ** 2)
-    return row_loss_fwd(kl_align_fwd_kernel, student, teacher, weight, scalars, n_stats=KL_ALIGN_STATS)
+    return row_loss_fwd(
+        kl_align_fwd_kernel, student, teacher, weight, scalars, n_stats=KL_ALIGN_STATS, tile=kl_align_tile
+    )
 
 
 @kl_align_fwd.register_fake
@@ -198,7 +231,9 @@ def kl_align_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad: 0-dim -> (dstudent (M, D), dteacher (M, D) or (0,) when not grad_target)."""
     scalars = (1.0 / float(temperature), float(temperature))
-    return row_loss_bwd(kl_align_bwd_kernel, grad, student, teacher, weight, stats, scalars, grad_target)
+    return row_loss_bwd(
+        kl_align_bwd_kernel, grad, student, teacher, weight, stats, scalars, grad_target, tile=_kl_align_bwd_tile
+    )
 
 
 @kl_align_bwd.register_fake
@@ -223,7 +258,7 @@ def kl_align_loss(
     Args:
         student: (..., D) student features; the softmax runs over the last dim.
         teacher: (..., D) teacher features, same shape and device (dtype may differ).
-        temperature: T > 0; the ``T²`` factor keeps the gradient scale independent of T.
+        temperature: finite T > 0; the ``T²`` factor keeps the gradient scale independent of T.
         mask: optional bool or float tensor of shape ``student.shape[:-1]`` as in
             :func:`rectok_fast.ops.cosine_align.cosine_align_loss` (mean over ``max(sum(mask), 1)``).
         grad_target: also differentiate with respect to ``teacher`` (detached otherwise).
@@ -238,8 +273,10 @@ def kl_align_loss(
     if student.dim() < 1 or student.shape[-1] == 0:
         raise ValueError(f"{op}: `student` must have shape (..., D) with D >= 1, got {tuple(student.shape)}")
     check_shape(op, "teacher", teacher, tuple(student.shape))
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{op}: `temperature` must be a positive number, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: `temperature` must be a number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: `temperature` must be a finite number > 0, got {temperature!r}")
     if mask is not None:
         check_tensor(op, "mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES)
         check_shape(op, "mask", mask, tuple(student.shape[:-1]))
