@@ -82,6 +82,7 @@ class PretrainedEntry:
 
 
 REGISTRY: dict[str, PretrainedEntry] = {}
+_REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # ORG/NAME
 
 
 def register_pretrained(
@@ -101,8 +102,6 @@ def register_pretrained(
     REGISTRY[name] = entry
     return entry
 
-
-_REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 for _args in (
     ("rectok", "RecTok.pth", "tokenizer", "RecTok tokenizer (paper release)"),
