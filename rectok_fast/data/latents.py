@@ -14,6 +14,8 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError, PathError
+
 
 class ShardWriter:
     def __init__(self, out_dir: str, shard_size: int = 8192, rank: int = 0):
@@ -88,7 +90,7 @@ def shard_path(cache_dir: str, name: object, index: str = "index.json") -> str:
         ok = not (os.path.isabs(name) or name.startswith(("/", "\\")) or os.path.splitdrive(name)[0])
         ok = ok and ".." not in parts and not (len(parts[0]) >= 2 and parts[0][1] == ":")
     if not ok:
-        raise ValueError(
+        raise DataError(
             f"{index}: shard file name {name!r} is not a relative path inside the cache directory "
             "(absolute paths and '..' are refused); the index is corrupt or was not written by `rectok-fast cache-latents`"
         )
@@ -103,7 +105,7 @@ class LatentCacheDataset(Dataset):
 
         path = os.path.join(cache_dir, "index.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"LatentCacheDataset: {path} not found; create it with `rectok-fast cache-latents`")
+            raise PathError(f"LatentCacheDataset: {path} not found; create it with `rectok-fast cache-latents`")
         with open(path) as f:
             self.index = json.load(f)
         ms, ys = [], []

@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, DataError, PathError
 from ..hub import resolve_pretrained
 from ..models.loading import load_dit, load_tokenizer
 from ..utils import write_json
@@ -197,11 +197,11 @@ def read_latent_stats(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     if os.path.isdir(path):
         path = os.path.join(path, "stats.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"sample --latent-stats: no stats file at {path!r} (run `rectok-fast stats` first)")
+        raise PathError(f"sample --latent-stats: no stats file at {path!r} (run `rectok-fast stats` first)")
     with open(path) as f:
         d = json.load(f)
     if "latent_mean" not in d or "latent_std" not in d:
-        raise ValueError(f"sample --latent-stats: {path!r} has no latent_mean / latent_std")
+        raise DataError(f"sample --latent-stats: {path!r} has no latent_mean / latent_std")
     return torch.tensor(d["latent_mean"], dtype=torch.float32), torch.tensor(d["latent_std"], dtype=torch.float32)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, RunConfig, from_dict
+from ..errors import CheckpointError, PathError
 from ..utils.checkpoint import (
     SAFE_GLOBALS,
     TRUST_FLAG,
@@ -110,7 +111,7 @@ def read_checkpoint(
     """The contents of a checkpoint file under the trust policy (``.safetensors``: a tensor dict)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: no checkpoint at {path!r}")
+        raise PathError(f"{what}: no checkpoint at {path!r}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -160,6 +161,34 @@ def official_state_dict(
 # ----------------------------------------------------------------------------- loaders
 
 _KIND_NAME = {"tokenizer": "load_tokenizer", "dit": "load_dit"}
+_KIND_LABEL = {"tokenizer": "a RecTok tokenizer", "dit": "a DiT^DH"}
+_MODEL_TYPE = {"rectok": "tokenizer", "ditdh": "dit"}
+
+
+def _held_kind(sd: Any) -> str | None:
+    """Which model a state dict / checkpoint holds, from its top-level key prefixes (None: neither)."""
+    if not isinstance(sd, Mapping):
+        return None
+    for key in ("model_ema", "ema", "model", "state_dict"):
+        if isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+            break
+    heads = set()
+    for k in sd:
+        k = str(k)
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        heads.add(k.split(".", 1)[0])
+    if {"y_embedder", "t_embedder"} & heads:
+        return "dit"
+    if {"encoder", "decoder"} <= heads:
+        return "tokenizer"
+    return None
+
+
+def _wrong_kind(path: str, kind: str, held: str | None, detail: str = "") -> CheckpointError:
+    holds = f"holds {_KIND_LABEL[held]}" if held else "holds no model this package recognises"
+    return CheckpointError(f"{_KIND_NAME[kind]}: {path!r} {holds}, not {_KIND_LABEL[kind]}{detail}")
 
 
 def _load(path: str | os.PathLike, kind: str, prefer_ema: bool, map_location: Any, trust_remote_code: bool | None):
@@ -167,26 +196,43 @@ def _load(path: str | os.PathLike, kind: str, prefer_ema: bool, map_location: An
     path = os.fspath(path)
     cls = RecTok if kind == "tokenizer" else DiTDH
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "config.json")):
+        cj = os.path.join(path, "config.json")
+        if os.path.exists(cj):
+            try:
+                import json
+
+                with open(cj) as f:
+                    held = _MODEL_TYPE.get(json.load(f).get("model_type"))
+            except (OSError, ValueError, AttributeError):
+                held = None
+            if held is not None and held != kind:
+                raise _wrong_kind(path, kind, held, " (a save_pretrained export)")
             return cls.from_pretrained(path)
         for sub in ("export", os.path.join("checkpoints", "latest.pt")):
             p = os.path.join(path, sub)
             if os.path.exists(p):
                 return _load(p, kind, prefer_ema, map_location, trust_remote_code)
-        raise FileNotFoundError(f"{what}: {path!r} holds neither config.json, export/ nor checkpoints/latest.pt")
+        raise PathError(f"{what}: {path!r} holds neither config.json, export/ nor checkpoints/latest.pt")
     ckpt = read_checkpoint(path, map_location=map_location, trust_remote_code=trust_remote_code, what=what)
     c = ckpt.get("config") if isinstance(ckpt, Mapping) else None
     rc = from_dict(RunConfig, c) if isinstance(c, dict) and "kind" in c else None
     if rc is None:
-        return cls.from_official(ckpt, use_ema=prefer_ema)
+        held = _held_kind(ckpt)
+        if held is not None and held != kind:
+            raise _wrong_kind(path, kind, held)
+        try:
+            return cls.from_official(ckpt, use_ema=prefer_ema)
+        except (RuntimeError, KeyError) as e:  # load_state_dict: missing / unexpected keys, shape mismatches
+            first = " ".join(str(e).split())[:200]
+            raise _wrong_kind(path, kind, held, f" (its weights do not fit: {first})") from e
     if rc.kind != kind:
-        raise ValueError(f"{what}: {path!r} is a {rc.kind!r} training checkpoint, not a {kind!r} one")
+        raise _wrong_kind(path, kind, rc.kind, f" (a {rc.kind!r} training checkpoint)")
     if kind == "tokenizer":
         model = build_rectok(rc.model, rc.data.image_size)
     else:
         meta = ckpt.get("data_meta") or {}
         if "channels" not in meta or "grid" not in meta:
-            raise ValueError(f"{what}: {path!r} is a DiT training checkpoint without data_meta channels/grid")
+            raise CheckpointError(f"{what}: {path!r} is a DiT training checkpoint without data_meta channels/grid")
         model = build_ditdh(rc.model, meta["channels"], meta["grid"], meta.get("num_classes"))
     sd = ckpt["model_ema"] if prefer_ema and ckpt.get("model_ema") is not None else ckpt["model"]
     model.load_state_dict(sd)

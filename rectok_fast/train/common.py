@@ -61,7 +61,7 @@ NOISE_MODES = ("auto", "materialized", "kernel")
 def resolve_noise_mode(mode: str, device: torch.device) -> str:
     """``noise`` config value -> ``"kernel"`` | ``"materialized"`` (``auto``: kernel on CUDA)."""
     if mode not in NOISE_MODES:
-        raise ValueError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
+        raise ConfigError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
     if mode == "auto":
         return "kernel" if device.type == "cuda" else "materialized"
     return mode

@@ -22,7 +22,7 @@ import torch
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
 from ..data.latents import LatentCacheDataset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models.ditdh import label_drop_mask, training_loss
 from ..models.loading import build_ditdh, load_dit, load_tokenizer
 from ..ops.posterior_flow import posterior_flow
@@ -49,7 +49,7 @@ class DiTTrainer(Trainer):
                 self.tokenizer = load_tokenizer(mc.tokenizer).to(self.device).eval().requires_grad_(False)
         else:
             if not mc.tokenizer:
-                raise ValueError(
+                raise ConfigError(
                     "DiT training needs data.latents (a cache-latents directory) or model.tokenizer for online tokenisation"
                 )
             self.tokenizer = load_tokenizer(mc.tokenizer).to(self.device).eval().requires_grad_(False)
@@ -63,7 +63,7 @@ class DiTTrainer(Trainer):
             self.grid, self.channels = self.tokenizer.grid, self.tokenizer.token_channels
             mean, std = self.tokenizer.latent_mean.cpu(), self.tokenizer.latent_std.cpu()
         if mean is None or std is None:
-            raise ValueError(
+            raise DataError(
                 "latent statistics missing: run `rectok-fast stats` on the tokenizer before caching / training"
             )
         self.scale = float(self.tokenizer.config.scale_factor) if self.tokenizer is not None else 1.0

@@ -22,6 +22,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.datasets import build_image_dataset
+from ..errors import CheckpointError
 from ..models.loading import build_rectok, load_tokenizer
 from ..models.rectok import Mask
 from ..utils.ema import EMA
@@ -58,7 +59,7 @@ class TokenizerTrainer(Trainer):
             src = load_tokenizer(mc.init)
             missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
             if unexpected or [k for k in missing if not k.startswith("sem_decoders.")]:
-                raise ValueError(f"model.init {mc.init}: mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+                raise CheckpointError(f"model.init {mc.init}: mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
             logger.info("initialised from %s", mc.init)
         if cfg.stage == 2:
             model.freeze_all_but_decoder()
