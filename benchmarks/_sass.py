@@ -159,6 +159,7 @@ class PyFor:
     func: str  # enclosing function name
     args: tuple  # source text of range() args, or () when not a range() (a while loop, an iterator)
     local_defs: tuple = ()  # (name, source) of the simple assignments before the loop in its function
+    test: str = ""  # a while loop's condition (source text)
 
 
 @functools.cache
@@ -188,7 +189,8 @@ def for_loops(path: str) -> tuple[PyFor, ...]:
                 ):
                     args = tuple(ast.get_source_segment(src, a) for a in it.args)
                 end = child.end_lineno or child.lineno
-                out.append(PyFor(path, child.lineno, end, func, args, tuple(assigns)))
+                test = ast.get_source_segment(src, child.test) if isinstance(child, ast.While) else ""
+                out.append(PyFor(path, child.lineno, end, func, args, tuple(assigns), test or ""))
             visit(child, func, assigns)
 
     visit(tree, "", [])
@@ -260,6 +262,8 @@ def eval_trip(loop: PyFor, kernel_name: str, values: dict, hints: dict) -> tuple
         for a in loop.args:
             if a in hints:
                 return float(hints[a]), "hint"
+    if loop.test and (loop.test in hints or "*while*" in hints):
+        return float(hints.get(loop.test, hints.get("*while*"))), "hint"
     return None, "unknown"
 
 

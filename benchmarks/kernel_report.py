@@ -94,6 +94,10 @@ def issue_rate(m: dict) -> float:
 
 @dataclass
 class Built:
+    """One op call at the benchmark shapes.  ``hints`` give data-dependent loop trips for the
+    benchmark's data: ``range()`` bound text -> trips, ``"*while*"`` -> trips of every ``while`` loop
+    (for the token ops: ids are distinct per row, so the walk along duplicate chains never iterates)."""
+
     run: object  # () -> outputs (tuple or tensor)
     grad_inputs: list  # tensors to differentiate (fwd+bwd)
     grad_outputs: object  # outputs -> list of (output, grad) pairs used for backward
@@ -224,7 +228,7 @@ class OpSpecs:
                 (2 * bkw + nw) * s + 8 * B * K,
                 (bkw + B * N * W + nw) * s + 8 * B * K,
                 bkw,
-                hints={"max_cnt": _segment_max_hint(B, N, K)},
+                hints={"max_cnt": _segment_max_hint(B, N, K), "*while*": 0.0},
             )
         if name == "restore_tokens":
             vis = f((B, K, W), dt, grad)
@@ -239,6 +243,7 @@ class OpSpecs:
                 (bkw + nw + W + bnw) * s + 8 * B * N,
                 (bnw + bkw + nw + W) * s + 8 * B * N,
                 bnw,
+                hints={"*while*": 0.0},
             )
         if name in ("patchify", "unpatchify"):
             if not hasattr(torch.ops.rectok_fast, "patchify"):
