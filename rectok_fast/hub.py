@@ -29,8 +29,9 @@ import argparse
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
+
+from .errors import PathError
 
 logger = logging.getLogger("rectok_fast")
 
@@ -51,8 +52,11 @@ _KIND_CLASS = {"tokenizer": "RecTok", "dit": "DiTDH"}
 OFFICIAL_REPO = "QingyuShi/RecTok"
 
 
-class PretrainedNotFoundError(FileNotFoundError):
-    """A spec that is no local path, no registry name and no hub file we could get (one-line message)."""
+class PretrainedNotFoundError(PathError):
+    """A spec that is no local path, no registry name and no hub file we could get (one-line message;
+    a :class:`~rectok_fast.errors.UserError` and a ``FileNotFoundError``)."""
+
+    kind = "weights"
 
 
 class _NoSuchFile(PretrainedNotFoundError):
@@ -467,12 +471,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     if not args.names:
         p.error("name at least one model (rectok-fast download --list shows the registry)")
     out = []
-    for name in args.names:
-        try:
-            path = resolve_pretrained(name, None, revision=args.revision, cache_dir=args.cache_dir)
-        except PretrainedNotFoundError as e:
-            print(f"rectok-fast download: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+    for name in args.names:  # a failure is a PretrainedNotFoundError: one line and exit 2 from the CLI
+        path = resolve_pretrained(name, None, revision=args.revision, cache_dir=args.cache_dir)
         print(path, flush=True)
         out.append(path)
     return out
