@@ -103,3 +103,41 @@ def test_tables_put_measured_beside_predicted(report):
     assert "measured" not in kr.readme_table(data, None).splitlines()[2]
     md = kr.markdown(data, summary)
     assert "measured (GPU)" in md and "Predicted from compiled code" in md
+
+
+def test_sass_loop_counting(tmp_path):
+    """Loop bodies count trips times (bound from the launch arguments and earlier assignments), a
+    library loop behind a forward branch is cold, NOPs after EXIT are padding."""
+    sys.path.insert(0, ROOT)
+    from benchmarks._sass import Instr, SassInfo, analyze_sass
+
+    src = tmp_path / "k.py"
+    src.write_text("def k(X, D, BLOCK: 'constexpr'):\n    n = D // 2\n    for d in range(0, n, BLOCK):\n        pass\n")
+    f = str(src)
+
+    def ins(addr, op, line, pred=None, target=None, file=f):
+        return Instr(addr, pred, op, op, ((file, line),), target)
+
+    code = [
+        ins(0x00, "S2R", 1),
+        ins(0x10, "LDG.E.128", 2),  # loop header (label L0)
+        ins(0x20, "FADD", 3),
+        ins(0x30, "ISETP.LT.AND", 3),
+        ins(0x40, "BRA", 3, "@P0", "L0"),  # back edge -> the for at line 3
+        ins(0x50, "BRA", 2, "@!P1", "L2"),  # skips the library slow path
+        ins(0x60, "LDG.E.CONSTANT", 1, file="/x/site-packages/triton/language/math.py"),  # label L1
+        ins(0x70, "BRA", 1, "@P2", "L1", file="/x/site-packages/triton/language/math.py"),  # library loop
+        ins(0x80, "STG.E.64", 2),  # label L2
+        ins(0x90, "EXIT", 1),
+        ins(0xA0, "BRA", 1, None, "L3"),  # trap self-loop (label L3)
+        ins(0xB0, "NOP", 1),
+    ]
+    sass = SassInfo(code, {"L0": 0x10, "L1": 0x60, "L2": 0x80, "L3": 0xA0})
+    r = analyze_sass(sass, "k", {"D": 1024, "BLOCK": 128})
+    trips = 1024 // 2 // 128
+    assert r["executed_per_thread"] == 1 + 4 * trips + 1 + 2  # entry, loop body, branch, STG + EXIT
+    assert r["static_cold"] == 2 and r["has_cold_slow_path"]
+    assert r["load_bytes_per_thread"] == 16 * trips and r["store_bytes_per_thread"] == 8
+    assert r["global_load_widths"] == ["LDG.E.128"] and r["global_store_widths"] == ["STG.E.64"]
+    (loop,) = [lp for lp in r["loops"] if lp["python"]]
+    assert loop["trip"] == trips and loop["trip_from"] == "args"
