@@ -933,7 +933,13 @@ def build_report(op_names, dtypes, modes, do_variants=True, log=print) -> dict:
                 "(L2 absorbs re-reads of small shared tables)",
                 "aten ops issued by launchers and autograd count their inputs + outputs at BW_copy; "
                 "torch.sort as a cub radix sort (one pass per 8 key bits)",
-                "C++ patch ops: instructions of one grid-stride pass (entry + smallest loop body)",
+                "C++ patch ops: instructions of one grid-stride pass (entry to the first EXIT after the first store)",
+                "loop trips: evaluated for program 0 from the launch arguments and the kernel's earlier assignments; "
+                "data-dependent bounds from the op's hints for the benchmark data (gather: sources per destination "
+                "row of random ids; token ops: distinct ids, so while-walks over duplicates do not iterate); a loop "
+                "without either counts one pass and is listed in unknown_loops",
+                "several SASS copies of one Python loop (unrolled main loop + remainder) share its trips in "
+                "proportion to their body sizes",
                 "BW_reachable: resident warps (capped by the grid) x global-load bytes one pass of the hot "
                 "loop body keeps in flight / memory latency",
             ],

@@ -511,7 +511,9 @@ class DiTDH(nn.Module):
             with open(os.path.join(path, "config.json")) as f:
                 raw = json.load(f)
             if raw.get("model_type", "ditdh") != "ditdh":
-                raise ValueError(f"DiTDH.from_pretrained: {path} holds a {raw['model_type']!r} model, not a DiT^DH")
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"DiTDH.from_pretrained: {path} holds a {raw['model_type']!r} model, not a DiT^DH")
             names = {f.name for f in fields(DiTDHConfig)}
             cfg = DiTDHConfig(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
             sd = load_file(os.path.join(path, "model.safetensors"), device=str(device or "cpu"))

@@ -757,8 +757,11 @@ class RecTok(nn.Module):
 
             with open(os.path.join(path, "config.json")) as f:
                 cfg = json.load(f)
-            if cfg.pop("model_type", "rectok") != "rectok":
-                raise ValueError(f"RecTok.from_pretrained: {path} does not hold a RecTok model")
+            cfg_type = cfg.pop("model_type", "rectok")
+            if cfg_type != "rectok":
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"RecTok.from_pretrained: {path} holds a {cfg_type!r} model, not a RecTok")
             for key in ("encoder", "decoder", "sem_decoder"):
                 if isinstance(cfg.get(key), list):
                     cfg[key] = tuple(cfg[key])
