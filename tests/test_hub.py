@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from rectok_fast import cli, hub
+from rectok_fast.errors import CheckpointError
 from rectok_fast.hub import REGISTRY, PretrainedNotFoundError, resolve_pretrained
 from rectok_fast.models.ditdh import DiTDH, DiTDHConfig
 from rectok_fast.models.rectok import DefaultLatentStatsWarning, RecTok, RecTokConfig
@@ -292,8 +293,10 @@ def test_exports_pull_from_the_hub(hub_env, tmp_path):
     assert _same_weights(m, tok) and torch.equal(m.latent_mean, torch.arange(4.0))
     assert os.path.isdir(resolve_pretrained("me/tiny-tok", "tokenizer"))
     assert _same_weights(DiTDH.from_pretrained("me/tiny-dit", revision=COMMIT), dit)
-    with pytest.raises(ValueError, match="not a DiT"):
+    with pytest.raises(CheckpointError, match="not a DiT"):
         DiTDH.from_pretrained("me/tiny-tok")
+    with pytest.raises(CheckpointError, match="'ditdh' model, not a RecTok"):
+        RecTok.from_pretrained("me/tiny-dit")
     # a registered name for one's own export
     hub.register_pretrained("my-tok", "me/tiny-tok", kind="tokenizer")
     try:

@@ -513,7 +513,9 @@ class DiTDH(nn.Module):
             if raw.get("model_type", "ditdh") != "ditdh":
                 from ..errors import CheckpointError
 
-                raise CheckpointError(f"DiTDH.from_pretrained: {path} holds a {raw['model_type']!r} model, not a DiT^DH")
+                raise CheckpointError(
+                    f"DiTDH.from_pretrained: {path} holds a {raw['model_type']!r} model, not a DiT^DH"
+                )
             names = {f.name for f in fields(DiTDHConfig)}
             cfg = DiTDHConfig(**{k: v for k, v in {**raw, **overrides}.items() if k in names})
             sd = load_file(os.path.join(path, "model.safetensors"), device=str(device or "cpu"))
