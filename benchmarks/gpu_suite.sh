@@ -150,8 +150,13 @@ step attention 35 "$PY" benchmarks/bench_attention.py $([ "$MODE" = dry ] && ech
 # would register it a second time)
 PYTEST_TIMEOUT=()
 [ -z "${PYTEST_DISABLE_PLUGIN_AUTOLOAD:-}" ] && "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout=60)
-step tests 60 --int "${PYTEST[@]}" tests -m "cuda_only or gpu_smoke" --maxfail=25 "${PYTEST_TIMEOUT[@]}" \
-    --junitxml="$OUT/junit.xml"
+# files in the order they run (pytest keeps it): the gpu_smoke op cases first, the cuda_only
+# inductor-compile tests (the slowest) last, so the deadline cuts the least
+mapfile -t SMOKE < <(grep -l "mark.gpu_smoke" tests/test_*.py)
+mapfile -t CUDA < <(grep -L "mark.gpu_smoke" tests/test_*.py | xargs grep -l "cuda_only" | grep -v "test_compile_")
+mapfile -t COMPILE < <(grep -l "cuda_only" tests/test_compile_*.py 2>/dev/null)
+step tests 60 --int "${PYTEST[@]}" "${SMOKE[@]}" "${CUDA[@]}" "${COMPILE[@]}" -m "cuda_only or gpu_smoke" \
+    --maxfail=25 "${PYTEST_TIMEOUT[@]}" --junitxml="$OUT/junit.xml"
 
 # 8. sampling with whatever is left (the case shortens its Euler steps to fit and says so)
 LEFT=$((SUITE_BUDGET - ($(date +%s) - T0) - RESERVE))
