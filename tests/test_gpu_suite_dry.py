@@ -187,3 +187,28 @@ def test_whole_dry_run(tmp_path):
         "junit.xml",
     } | {"summary.json"}
     assert "FAILED STEPS: none" in r.stdout
+
+
+def test_timed_loops_shorten_to_the_deadline_and_say_so(monkeypatch):
+    e2e = importlib.import_module("test_bench_e2e")
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(e2e, "DEADLINE", float("inf"))
+    info = {}
+    per = e2e._timed(step, 1, 4, info)
+    assert len(calls) == 5 and info == {"steps_planned": 4, "steps": 4} and 0.04 < per < 0.5
+    calls.clear()
+    monkeypatch.setattr(e2e, "DEADLINE", time.time() + 5.0 + 0.2)  # room for ~3 more calls after the first
+    info = {}
+    e2e._timed(step, 0, 100, info)
+    assert 2 <= info["steps"] < 10 and len(calls) == info["steps"]
+    assert "of 100 timed steps" in info["steps_note"]
+    calls.clear()
+    monkeypatch.setattr(e2e, "DEADLINE", time.time() - 60)  # already past: still the minimum, stated
+    info = {}
+    e2e._timed(step, 0, 10, info, min_steps=2)
+    assert info["steps"] == 2 and "deadline" in info["steps_note"]
