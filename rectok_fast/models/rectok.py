@@ -26,12 +26,13 @@ import os
 import random
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..masking import Mask, random_masking
 from ..nn.fused import SEMANTIC_TARGETS, CosineAlignLoss, FlowNoiser
 from ..nn.layers import Block, RMSNorm
 from ..nn.rope import rectok_rope_table
@@ -125,23 +126,6 @@ class RecTokConfig:
 
 class DefaultLatentStatsWarning(UserWarning):
     """:meth:`RecTok.detokenize` on a tokenizer whose latent statistics were never set."""
-
-
-class Mask(NamedTuple):
-    """A masking plan: ``ids_keep`` (B, K) visible token indices, ``ids_restore`` (B, N) the inverse
-    permutation (token i of the image takes element ``ids_restore[:, i]`` of [visible, mask tokens])."""
-
-    ids_keep: torch.Tensor | None
-    ids_restore: torch.Tensor | None
-
-    def rows(self, start: int, stop: int) -> Mask:
-        """The plan of samples ``start:stop`` (a micro-batch of a global batch's plan), with the kept
-        dim of ``ids_keep`` marked dynamic again (a slice does not inherit the mark)."""
-        if self.ids_keep is None:
-            return self
-        ids_keep = self.ids_keep[start:stop]
-        torch._dynamo.maybe_mark_dynamic(ids_keep, 1)
-        return Mask(ids_keep, self.ids_restore[start:stop])
 
 
 @dataclass
@@ -367,12 +351,7 @@ class RecTok(nn.Module):
         if not 1 <= K <= N:
             raise ValueError(f"RecTok.sample_mask: num_kept must be in [1, {N}], got {K}")
         device = self.latent_mean.device if device is None else device
-        ids_shuffle = torch.argsort(torch.rand(batch, N, device=device, generator=generator), dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :K].contiguous()
-        if mark_dynamic:
-            torch._dynamo.maybe_mark_dynamic(ids_keep, 1)
-        return Mask(ids_keep, ids_restore)
+        return random_masking(batch, N, num_kept=K, generator=generator, device=device, mark_dynamic=mark_dynamic)
 
     # ---------------------------------------------------------------- inference API
 

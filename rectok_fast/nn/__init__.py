@@ -1,10 +1,20 @@
 """nn.Modules: transformer blocks (attention backends, RMSNorm, SwiGLU, RoPE) and drop-in fused modules."""
 
+from ..masking import Mask, random_masking
 from .adaptive import adaptive_weight
 from .align import DistMatAlignLoss
 from .attention import attention, available_backends, supported_head_dim
-from .fused import CosineAlignLoss, FlowMatchingLoss, FlowNoiser, KLAlignLoss, MaskTokenRestore, TokenGather
+from .fused import (
+    CosineAlignLoss,
+    FlowMatchingLoss,
+    FlowNoiser,
+    FlowNoiserOutput,
+    KLAlignLoss,
+    MaskTokenRestore,
+    TokenGather,
+)
 from .layers import Attention, Block, RMSNorm, SwiGLU, gate, modulate, swiglu_hidden
+from .posterior import GaussianPosterior, PosteriorOutput
 from .rope import apply_rope, eva_rope_table, rectok_rope_table, rotate_pairs, split_table
 
 __all__ = [
@@ -14,8 +24,12 @@ __all__ = [
     "DistMatAlignLoss",
     "FlowMatchingLoss",
     "FlowNoiser",
+    "FlowNoiserOutput",
+    "GaussianPosterior",
     "KLAlignLoss",
+    "Mask",
     "MaskTokenRestore",
+    "PosteriorOutput",
     "RMSNorm",
     "SwiGLU",
     "TokenGather",
@@ -26,6 +40,7 @@ __all__ = [
     "eva_rope_table",
     "gate",
     "modulate",
+    "random_masking",
     "rectok_rope_table",
     "split_table",
     "supported_head_dim",
