@@ -60,7 +60,6 @@ RESERVE=15  # kept for summarize + the report at the end
 # step NAME SECONDS [--int] CMD...: run CMD with a limit of SECONDS cut to what the budget has left,
 # append its output to the log and a row to $STEPS, never abort the suite.  --int stops it with
 # SIGINT (pytest then still writes its junit/JSON files) instead of TERM.
-STEP_DEADLINE=0
 step() {
     local name="$1" secs="$2" sig=TERM
     shift 2
@@ -75,10 +74,9 @@ step() {
         return 0
     fi
     [ "$secs" -gt "$left" ] && { note="limit cut from ${secs}s"; secs=$left; }
-    STEP_DEADLINE=$((now + secs))
     log "=== $name (limit ${secs}s${note:+, $note}): $*"
     t0=$(date +%s)
-    STEP_DEADLINE=$STEP_DEADLINE timeout --signal=$sig --kill-after=15 "$secs" "$@" >>"$LOG" 2>&1
+    timeout --signal=$sig --kill-after=15 "$secs" "$@" >>"$LOG" 2>&1
     rc=$?
     local dt=$(($(date +%s) - t0))
     if [ $rc -eq 0 ]; then
