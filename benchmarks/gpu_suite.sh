@@ -165,8 +165,10 @@ e2e sample "$LEFT" ditdh_xl_sample
     || log "--- no end-to-end JSON to merge"
 JSONS=()
 for f in "$OUT/bench_ops.json" "$OUT/bench_e2e.json"; do [ -s "$f" ] && JSONS+=("$f"); done
+ENVARG=()
+[ -s "$OUT/env.json" ] && ENVARG=(--env "$OUT/env.json")
 if [ ${#JSONS[@]} -gt 0 ]; then
-    step summarize 15 "$PY" benchmarks/summarize.py "${JSONS[@]}" --env "$OUT/env.json" --out "$OUT/summary.json" \
+    step summarize 15 "$PY" benchmarks/summarize.py "${JSONS[@]}" "${ENVARG[@]}" --out "$OUT/summary.json" \
         --readme /nonexistent
 else
     printf 'summarize\tFAILED\t-\t0\t15\tno benchmark JSON was written\n' >>"$STEPS"
