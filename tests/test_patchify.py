@@ -254,6 +254,57 @@ def test_cpu_kernel_checks_ids_directly():
         torch.ops.rectok_fast.patchify(x, 2, torch.tensor([[0, 1]], dtype=torch.int32))
 
 
+def test_unpatchify_ids_writes_every_element_once():
+    """unpatchify with ids_keep (patchify's backward) builds the image from an inverse map, with no
+    zero-filled buffer underneath: cells nobody kept must still come out as exact zeros, however dirty
+    the memory it gets."""
+    B, C, gh, gw, p = 3, 3, 4, 5, 4
+    N = gh * gw
+    for k in (0, 1, 7, N):
+        ids = _ids(B, N, k)
+        t = torch.randn(B, k, C * p * p)
+        for _ in range(3):  # recycle freed blocks full of NaN into the allocation
+            junk = torch.full((B, C, gh * p, gw * p), float("nan"))
+            del junk
+            img = torch.ops.rectok_fast.unpatchify(t, p, C, gh, gw, ids)
+            assert torch.equal(img, _ref_unpatchify_ids(t, p, C, gh, gw, ids)), k
+
+
+def test_raw_ops_check_devices_and_sizes():
+    """CPU data with meta ids used to dispatch to the fake and return uninitialised memory; the raw ops
+    now refuse mixed devices.  Size products that overflow int64 are errors, also for empty inputs."""
+    x = torch.randn(2, 3, 8, 8)
+    meta_ids = torch.zeros(2, 2, dtype=torch.long, device="meta")
+    with pytest.raises(RuntimeError, match="ids_keep is on meta but images is on cpu"):
+        torch.ops.rectok_fast.patchify(x, 4, meta_ids)
+    with pytest.raises(RuntimeError, match="ids_keep is on meta but tokens is on cpu"):
+        torch.ops.rectok_fast.unpatchify(torch.randn(2, 2, 48), 4, 3, 2, 2, meta_ids)
+    with pytest.raises(RuntimeError, match="ids_keep is on cpu but images is on meta"):
+        torch.ops.rectok_fast.patchify(x.to("meta"), 4, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="overflows int64"):
+        torch.ops.rectok_fast.patchify(torch.zeros(0, 3, 0, 0), 2**40, None)
+    with pytest.raises(RuntimeError, match="overflows int64"):
+        torch.ops.rectok_fast.unpatchify(torch.zeros(0, 0, 0), 2**40, 3, 0, 0, None)
+    # an empty image with a huge grid: no n_cells-sized scratch, an empty result
+    out = torch.ops.rectok_fast.patchify(torch.zeros(0, 1, 2**15, 2**15), 1, torch.zeros(0, 4, dtype=torch.long))
+    assert out.shape == (0, 4, 1)
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_zero_channels_forward_and_backward(with_ids):
+    """C = 0: patchify gives (B, T, 0) tokens and its backward (unpatchify with channels = 0) an
+    empty image gradient, as the reference (it used to fail on the C++ path)."""
+    x = torch.zeros(2, 0, 8, 8, requires_grad=True)
+    ids = _ids(2, 4, 3) if with_ids else None
+    out = patchify(x, 4, ids, backend="cpp")
+    assert out.shape == (2, 3 if with_ids else 4, 0)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.shape == x.shape
+    xr = x.detach().requires_grad_()
+    (gr,) = torch.autograd.grad(ref_patchify(xr, 4, ids).sum(), xr)
+    assert torch.equal(g, gr)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA kernels against the CPU kernels (run on a GPU machine)
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +344,7 @@ def test_cuda_misaligned_and_non_contiguous():
 
 
 @pytest.mark.cuda_only
+@pytest.mark.gpu_smoke  # gpu_suite.sh's GPU test step: one case per op
 @cuda_kernels
 def test_cuda_grad_opcheck_and_range_check():
     x = torch.randn(2, 3, 8, 12, device="cuda", dtype=torch.float64, requires_grad=True)
@@ -308,4 +360,12 @@ def test_cuda_grad_opcheck_and_range_check():
     bad = torch.tensor([[0, 99]], device="cuda").expand(2, 2).contiguous()
     out = torch.ops.rectok_fast.patchify(x.detach(), 4, bad)
     assert (out[:, 1] == 0).all()
+    # unpatchify through the inverse map: out-of-range ids dropped, uncovered cells exactly zero
+    # (no zero-filled buffer underneath: the caching allocator hands back the NaN block)
+    junk = torch.full((2, 3, 8, 12), float("nan"), device="cuda", dtype=torch.float64)
+    del junk
+    img = torch.ops.rectok_fast.unpatchify(out, 4, 3, 2, 3, bad)
+    want = torch.zeros(2, 3, 8, 12, device="cuda", dtype=torch.float64)
+    want[:, :, :4, :4] = x.detach()[:, :, :4, :4]
+    assert torch.equal(img, want)
     torch.cuda.synchronize()
