@@ -1022,6 +1022,13 @@ def _pct(v):
     return "—" if v is None else f"{100 * v:.0f}%"
 
 
+def _kt(ka: dict, key: str, scale: float | None = None) -> str:
+    v = (ka.get("predicted") or {}).get("H200", {}).get(key)
+    if v is None:
+        return "—"
+    return f"{v * scale:.1f}" if scale else str(v)
+
+
 def _measured(summary: dict | None) -> dict:
     """op -> measured ``frac_copy_bw`` (bf16, fwd+bwd, B = 256) from a GPU run's summary.json."""
     return {
@@ -1067,15 +1074,16 @@ def markdown(report: dict, summary: dict | None = None) -> str:
                 lines.append(row)
     lines += [
         "",
-        "| kernel | op | dtype | grid | warps | regs | spills | stack B | resident warps/SM | loads | stores | SASS/element | variants across K |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| kernel | op | dtype | grid | warps | regs | spills | stack B | resident warps/SM | loads | stores "
+        "| SASS/element | t H200 µs | limited by | variants across K |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|---:|",
     ]
     for ka in report["kernels"]:
         lines.append(
             f"| `{ka['name']}` | {ka['op']} | {ka['dtype']} | {'×'.join(str(g) for g in ka['grid'])} | {ka['num_warps']} | "
             f"{ka['regs']} | {ka['spills']} | {ka['stack']} | {ka['resident_warps_per_sm']} | "
             f"{', '.join(ka.get('global_load_widths') or [])} | {', '.join(ka.get('global_store_widths') or [])} | "
-            f"{ka['sass_per_element']:.1f} | {ka.get('variants_across_K')} |"
+            f"{ka['sass_per_element']:.1f} | {_kt(ka, 't', 1e6)} | {_kt(ka, 'bound')} | {ka.get('variants_across_K')} |"
         )
     if report.get("errors"):
         lines += ["", "Errors:", ""] + [f"- `{k}`: {v}" for k, v in report["errors"].items()]
