@@ -502,8 +502,8 @@ def load_checkpoint(
 
 def _unreadable(e: BaseException) -> bool:
     """A load failure that means a damaged file (truncated zip, short read), not a refused or bad one."""
-    if isinstance(e, UnsafeCheckpointError):
-        return False
+    if isinstance(e, UnsafeCheckpointError):  # needs globals: a refusal (opt in); none named: garbage bytes
+        return not e.unsafe_globals
     if isinstance(e, (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)):
         return True
     return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError))

@@ -12,13 +12,29 @@ from typing import Any
 logger = logging.getLogger("rectok_fast.train")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is at each record (not the one at creation), so a
+    redirected or replaced stderr (pytest's capture, a wrapper) never gets a closed stream."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(out_dir: str | None, is_main: bool = True) -> None:
     """INFO to stderr (main rank) and ``OUT/log.txt``."""
     root = logging.getLogger("rectok_fast")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_rectok", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(fmt)
         h._rectok = True
         root.addHandler(h)
