@@ -6,6 +6,7 @@ import argparse
 
 from ..config import RunConfig, data_overrides, load_config, merge, parse_overrides, resolve_config_path
 from ..errors import ConfigError
+from ..utils.threads import add_threads_arg, apply_threads
 
 
 def add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -34,6 +35,7 @@ def add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
         help="start afresh in an --out that already holds a run (its checkpoints, metrics and export are deleted)",
     )
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    add_threads_arg(p)
     p.add_argument(
         "overrides",
         nargs="*",
@@ -68,7 +70,9 @@ def run_training_cli(train_fn, *, prog: str, doc: str | None, default_config: st
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p, default_config=default_config)
     # intermixed: `key=value` overrides may follow options (`--config X data.latents=Y --out Z k=v`)
-    cfg = config_from_args(p.parse_intermixed_args(argv), kind=kind)
+    args = p.parse_intermixed_args(argv)
+    cfg = config_from_args(args, kind=kind)
+    apply_threads(args.threads)
     try:
         return train_fn(cfg)
     finally:

@@ -384,11 +384,12 @@ class Trainer:
             config=to_dict(cfg),
             project=lg.wandb_project,
         )
-        prog = Progress(self.step, stop, self.global_batch, enabled=lg.progress and self.dist.is_main, desc=self.kind)
+        label = f"{self.kind} stage {cfg.stage}" if self.kind == "tokenizer" else self.kind  # the bar's and log's name
+        prog = Progress(self.step, stop, self.global_batch, enabled=lg.progress and self.dist.is_main, desc=label)
         acc = MetricAccumulator(self.device)
         logger.info(
             "%s: %d steps (%d/epoch, schedule %d), global batch %d = %d × %d ranks × %d accum, peak lr %.3g, device %s",
-            self.kind, stop - self.step, self.spe, self.total, self.global_batch, self.micro, self.dist.world_size, self.accum, self.peak_lr, self.device,
+            label, stop - self.step, self.spe, self.total, self.global_batch, self.micro, self.dist.world_size, self.accum, self.peak_lr, self.device,
         )  # fmt: skip
         last: dict = {}
         t0 = time.perf_counter()

@@ -1,4 +1,10 @@
-"""Run logging: JSONL metrics, a tqdm progress bar with images/s and ETA, optional TensorBoard / W&B."""
+"""Run logging: JSONL metrics, tqdm progress bars with images/s and ETA, optional TensorBoard / W&B.
+
+Log records of ``rectok_fast`` go through :func:`tqdm.tqdm.write` (what
+``tqdm.contrib.logging.logging_redirect_tqdm`` does for a block of code, here for the whole process), so
+an INFO line printed while a bar is shown lands on its own line above the bar instead of being glued
+onto it.
+"""
 
 from __future__ import annotations
 
@@ -130,6 +136,30 @@ class MetricLogger:
             self.wandb.finish()
 
 
+def progress_bar(
+    total: int | None, desc: str, unit: str = "img", *, enabled: bool = True, initial: int = 0, **kw: Any
+):
+    """A tqdm bar on stderr with rate and ETA (``disable`` when not ``enabled``, e.g. on ranks > 0).
+
+    On a terminal it redraws freely; in a log file (CI, cluster jobs) it prints one line per 30 s."""
+    from tqdm.auto import tqdm
+
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        file=sys.stderr,
+        mininterval=interval,
+        maxinterval=max(10.0, interval),
+        disable=not enabled,
+        **kw,
+    )
+
+
 class Progress:
     """tqdm bar over optimizer steps showing images/s, the latest losses and the ETA."""
 
@@ -139,20 +169,7 @@ class Progress:
         self._t0 = time.perf_counter()
         self._s0 = start
         if enabled:
-            from tqdm.auto import tqdm
-
-            # on a terminal the bar redraws freely; in a log file (CI, cluster jobs) one line per 30 s
-            interval = 0.1 if sys.stderr.isatty() else 30.0
-            self.bar = tqdm(
-                total=total,
-                initial=start,
-                desc=desc,
-                dynamic_ncols=True,
-                smoothing=0.1,
-                file=sys.stderr,
-                mininterval=interval,
-                maxinterval=max(10.0, interval),
-            )
+            self.bar = progress_bar(total, desc, unit="step", initial=start)
 
     def update(self, step: int, metrics: dict[str, float] | None = None) -> float:
         """Advance to ``step`` (1-based count of finished steps); returns images/s since start."""
