@@ -11,7 +11,8 @@ runs :mod:`rectok_fast.reference.patchify`.  The path that ran is readable with
 
 ``ids_keep`` (B, K) holds, per row, the indices of the kept grid cells (MAE's visible patches): they
 must be in ``[0, N)`` and unique per row (then ``unpatchify`` with ``ids_keep`` is the exact adjoint
-of ``patchify`` with ``ids_keep``).  The functionals check this in eager mode (a host sync on CUDA);
+of ``patchify`` with ``ids_keep``; it writes every image element once, from an inverse map of the
+ids, never a zero-fill followed by a scatter).  The functionals check this in eager mode (a host sync on CUDA);
 under ``torch.compile`` or with the environment variable ``RECTOK_FAST_CHECK_INDICES=0`` the
 data-dependent check is skipped (the CPU kernel still checks, the CUDA kernel never reads or writes
 out of bounds: a token with an out-of-range id is zero in ``patchify`` and dropped in ``unpatchify``).
@@ -44,8 +45,18 @@ HAS_CUDA_KERNELS: bool = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dis
 # ---------------------------------------------------------------------------------------------
 if HAS_EXTENSION:
 
+    def _same_device(ids_keep: torch.Tensor | None, data: torch.Tensor, name: str) -> None:
+        # the dispatcher picks the Meta kernel (this fake) when any argument is a meta tensor, so
+        # CPU data with meta ids would otherwise get an uninitialised CPU result
+        if ids_keep is not None:
+            torch._check(
+                ids_keep.device == data.device,
+                lambda: f"ids_keep is on {ids_keep.device} but {name} is on {data.device}; move them to one device",
+            )
+
     @torch.library.register_fake("rectok_fast::patchify")
     def _patchify_fake(images: torch.Tensor, p: int, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        _same_device(ids_keep, images, "images")
         torch._check(images.dim() == 4, lambda: "images must have shape (B, C, H, W)")
         B, C, H, W = images.shape
         torch._check(H % p == 0 and W % p == 0, lambda: f"images spatial size must be divisible by p = {p}")
@@ -56,6 +67,7 @@ if HAS_EXTENSION:
     def _unpatchify_fake(
         tokens: torch.Tensor, p: int, channels: int, gh: int, gw: int, ids_keep: torch.Tensor | None
     ) -> torch.Tensor:
+        _same_device(ids_keep, tokens, "tokens")
         torch._check(tokens.dim() == 3, lambda: "tokens must have shape (B, T, C*p*p)")
         torch._check(tokens.shape[2] == channels * p * p, lambda: "tokens last dim must be channels*p*p")
         if ids_keep is None:
