@@ -1,12 +1,13 @@
 """Triton kernels for the DiT velocity flow-matching input ``x_t`` and loss (SPEC §4) with in-kernel x0.
 
-``x1`` of any shape (B, ...) is viewed as (B, M); element ``e = b·M + m`` (row-major index of the
-logical tensor) draws ``x0[e] = eps_a(seed, e + E_OFF)`` (``E_OFF = sample_offset·M``, int64: the
-counter of global sample ``b + sample_offset``) from the Philox stream documented in
-:mod:`rectok_fast.kernels.posterior_flow`, so ``flow_matching_xt`` and ``flow_matching_loss`` called
-with the same seed see the same x0, and the backward regenerates it.  One program handles a
-BLOCK-wide chunk of one sample's row; per-sample reductions (dL/dt, the squared error) are one fp32
-partial per program in a (B, P) buffer summed by the launcher (deterministic, no atomics).
+``x1`` of any shape (B, ...) is viewed as (B, M) (``M < 2**31``).  Noise: stream version 2 of
+:mod:`rectok_fast.kernels.philox`: element ``m = q·4W + j·W + r`` of row ``b`` (``W = LANE``,
+lane ``j`` in 0..3) draws normal ``j`` of the Philox call of (global sample ``b + sample_offset``,
+group ``q·W + r``), so one Philox call serves four elements and a program handles ROWS chunks of
+4W elements as four (ROWS, W) lane tiles (each contiguous along M: no shuffles).
+``flow_matching_xt`` and ``flow_matching_loss`` called with the same seed see the same x0, and the
+backwards regenerate it (never stored).  Per-sample reductions (dL/dt, the squared error) are one
+fp32 partial per program in a (B, P) buffer summed by the launcher (deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -14,159 +15,308 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .posterior_flow import philox_normal
+from .philox import flow_normals, philox_key, sample_words, to_store, zero_like_layout
+
+_DNS = ["seed_int", "s_off"]
 
 
 @triton.jit
-def _row(pid0, pid1, M, BLOCK: tl.constexpr):
-    m = pid1 * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,)
-    ok = m < M
-    e = pid0 * M + m  # (BLOCK,) logical element index
-    return m, ok, e
+def _chunks(pid1, ROWS: tl.constexpr, LANE: tl.constexpr):
+    """(ROWS, LANE) offsets of lane 0 of this program's chunks and their element groups (int32)."""
+    q = pid1 * ROWS + tl.arange(0, ROWS)[:, None]
+    r = tl.arange(0, LANE)[None, :]
+    return q * (4 * LANE) + r, q * LANE + r
 
 
 @triton.jit
-def _x0(SEED, X0, e, E_OFF, ok, HAS_NOISE: tl.constexpr, ACC: tl.constexpr):
-    if HAS_NOISE:
-        x0 = tl.load(X0 + e, mask=ok, other=0.0).to(ACC)
-    else:
-        x0 = philox_normal(tl.load(SEED), e + E_OFF).to(ACC)
-    return x0
-
-
-@triton.jit
-def _x1_x0(X1, SEED, X0, b, m, e, E_OFF, ok, stride_xb, stride_xm, HAS_NOISE: tl.constexpr, ACC: tl.constexpr):
-    """(x1, x0) of the BLOCK elements ``e`` of row ``b``, both in ACC (x0 loaded or regenerated)."""
-    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=ok, other=0.0).to(ACC)
-    return x1, _x0(SEED, X0, e, E_OFF, ok, HAS_NOISE, ACC)
-
-
-@triton.jit
-def _residual(
-    PRED,
-    X1,
+def _x0(
     SEED,
+    seed_int,
+    s_off,
     X0,
     b,
-    m,
-    e,
-    E_OFF,
-    ok,
-    stride_pb,
-    stride_pm,
-    stride_xb,
-    stride_xm,
+    m0,
+    g,
+    M,
+    like,
     HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
     ACC: tl.constexpr,
+    LANE: tl.constexpr,
 ):
-    """``pred − (x1 − x0)`` in ACC for the BLOCK elements ``e`` of row ``b``."""
-    p = tl.load(PRED + b * stride_pb + m * stride_pm, mask=ok, other=0.0).to(ACC)
-    x1, x0 = _x1_x0(X1, SEED, X0, b, m, e, E_OFF, ok, stride_xb, stride_xm, HAS_NOISE, ACC)
-    return p - (x1 - x0)
+    """x0 of the four lane tiles (offsets m0 + j·LANE of row b), loaded (HAS_NOISE, X0 already
+    offset to row b) or generated, in ACC; ``like``: a loaded lane tile whose register layout the
+    generated noise takes."""
+    if HAS_NOISE:
+        a0 = tl.load(X0 + m0, mask=m0 < M, other=0.0).to(ACC)
+        a1 = tl.load(X0 + m0 + LANE, mask=m0 + LANE < M, other=0.0).to(ACC)
+        a2 = tl.load(X0 + m0 + 2 * LANE, mask=m0 + 2 * LANE < M, other=0.0).to(ACC)
+        a3 = tl.load(X0 + m0 + 3 * LANE, mask=m0 + 3 * LANE < M, other=0.0).to(ACC)
+    else:
+        k0, k1 = philox_key(SEED, seed_int, SEED_IN_PTR)
+        s_lo, s_hi = sample_words(b + s_off)
+        a0, a1, a2, a3 = flow_normals(k0, k1, s_lo, s_hi, g, zero_like_layout(like), ROUNDS)
+        a0, a1, a2, a3 = a0.to(ACC), a1.to(ACC), a2.to(ACC), a3.to(ACC)
+    return a0, a1, a2, a3
 
 
 @triton.jit
+def _load4(PTR, m0, stride, M, LANE: tl.constexpr):
+    """The four lane tiles of a row (PTR already offset to the row), masked past M, as stored."""
+    v0 = tl.load(PTR + m0 * stride, mask=m0 < M, other=0.0)
+    v1 = tl.load(PTR + (m0 + LANE) * stride, mask=m0 + LANE < M, other=0.0)
+    v2 = tl.load(PTR + (m0 + 2 * LANE) * stride, mask=m0 + 2 * LANE < M, other=0.0)
+    v3 = tl.load(PTR + (m0 + 3 * LANE) * stride, mask=m0 + 3 * LANE < M, other=0.0)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _acc4(v, ACC: tl.constexpr):
+    return v[0].to(ACC), v[1].to(ACC), v[2].to(ACC), v[3].to(ACC)
+
+
+@triton.jit
+def _store4(PTR, m0, M, v0, v1, v2, v3, LANE: tl.constexpr):
+    ty = PTR.dtype.element_ty
+    tl.store(PTR + m0, to_store(v0, ty), mask=m0 < M)
+    tl.store(PTR + m0 + LANE, to_store(v1, ty), mask=m0 + LANE < M)
+    tl.store(PTR + m0 + 2 * LANE, to_store(v2, ty), mask=m0 + 2 * LANE < M)
+    tl.store(PTR + m0 + 3 * LANE, to_store(v3, ty), mask=m0 + 3 * LANE < M)
+
+
+@triton.jit(do_not_specialize=_DNS)
 def flow_xt_fwd_kernel(
     X1,  # x1: (B, M), strides (stride_xb, stride_xm)
     T,  # t: (B,) contiguous
-    SEED,  # seed: (1,) int64 (read when not HAS_NOISE)
+    SEED,  # seed: (1,) int64 (read when SEED_IN_PTR and not HAS_NOISE)
     X0,  # x0: (B, M) contiguous (read when HAS_NOISE)
     XT,  # out: (B, M) contiguous, dtype of x1
     M,
-    E_OFF,  # int64 Philox counter offset: sample_offset·M
+    seed_int: tl.int64,
+    s_off: tl.int64,  # sample_offset: global index of sample 0
     stride_xb,
     stride_xm,
     HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    LANE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pid1 = tl.program_id(1).to(tl.int64)
-    m, ok, e = _row(b, pid1, M, BLOCK)
-    x1, x0 = _x1_x0(X1, SEED, X0, b, m, e, E_OFF, ok, stride_xb, stride_xm, HAS_NOISE, ACC)
+    m0, g = _chunks(tl.program_id(1), ROWS, LANE)
+    x1r = _load4(X1 + b * stride_xb, m0, stride_xm, M, LANE)
+    x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, x1r[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE)
+    x1 = _acc4(x1r, ACC)
     tt = tl.load(T + b).to(ACC)
-    xt = tt * x1 + (1.0 - tt) * x0
-    tl.store(XT + e, xt.to(XT.dtype.element_ty), mask=ok)
+    omt = 1.0 - tt
+    _store4(
+        XT + b * M,
+        m0,
+        M,
+        tt * x1[0] + omt * x0[0],
+        tt * x1[1] + omt * x0[1],
+        tt * x1[2] + omt * x0[2],
+        tt * x1[3] + omt * x0[3],
+        LANE,
+    )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DNS)
 def flow_xt_bwd_kernel(
     GRAD,  # grad of x_t: (B, M) contiguous
-    X1,  # x1: (B, M), strides (stride_xb, stride_xm)
+    X1,  # x1: (B, M), strides (stride_xb, stride_xm) (read when NEED_DT)
     T,  # t: (B,) contiguous
-    SEED,  # seed: (1,) int64 (read when not HAS_NOISE)
-    X0,  # x0: (B, M) contiguous (read when HAS_NOISE)
-    DX1,  # out: (B, M) contiguous, dtype of x1
-    DT_PART,  # out: (B, P) fp32 contiguous, P = num_programs(1)
+    SEED,  # seed: (1,) int64 (read when SEED_IN_PTR, NEED_DT and not HAS_NOISE)
+    X0,  # x0: (B, M) contiguous (read when HAS_NOISE and NEED_DT)
+    DX1,  # out: (B, M) contiguous, dtype of x1 (written when NEED_DX1)
+    DT_PART,  # out: (B, P) fp32 contiguous, P = num_programs(1) (written when NEED_DT)
     M,
-    E_OFF,  # int64 Philox counter offset: sample_offset·M
+    seed_int: tl.int64,
+    s_off: tl.int64,
     stride_xb,
     stride_xm,
     HAS_NOISE: tl.constexpr,
+    NEED_DX1: tl.constexpr,
+    NEED_DT: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    LANE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pid1 = tl.program_id(1).to(tl.int64)
-    m, ok, e = _row(b, pid1, M, BLOCK)
-    g = tl.load(GRAD + e, mask=ok, other=0.0).to(ACC)
-    x1, x0 = _x1_x0(X1, SEED, X0, b, m, e, E_OFF, ok, stride_xb, stride_xm, HAS_NOISE, ACC)
-    tt = tl.load(T + b).to(ACC)
-    tl.store(DX1 + e, (tt * g).to(DX1.dtype.element_ty), mask=ok)
-    dt = tl.where(ok, g * (x1 - x0), 0.0).to(tl.float32)  # dx_t/dt = x1 − x0
-    tl.store(DT_PART + b * tl.num_programs(1) + pid1, tl.sum(dt, axis=0))
+    pid1 = tl.program_id(1)
+    m0, g = _chunks(pid1, ROWS, LANE)
+    grr = _load4(GRAD + b * M, m0, 1, M, LANE)
+    gr = _acc4(grr, ACC)
+    if NEED_DX1:
+        tt = tl.load(T + b).to(ACC)
+        _store4(DX1 + b * M, m0, M, tt * gr[0], tt * gr[1], tt * gr[2], tt * gr[3], LANE)
+    if NEED_DT:  # dx_t/dt = x1 − x0
+        x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, grr[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE)
+        x1 = _acc4(_load4(X1 + b * stride_xb, m0, stride_xm, M, LANE), ACC)
+        dt = gr[0] * (x1[0] - x0[0]) + gr[1] * (x1[1] - x0[1]) + gr[2] * (x1[2] - x0[2]) + gr[3] * (x1[3] - x0[3])
+        tl.store(DT_PART + b * tl.num_programs(1) + pid1, tl.sum(tl.sum(dt.to(tl.float32), axis=1), axis=0))
 
 
 @triton.jit
-def flow_loss_fwd_kernel(
-    PRED,  # pred: (B, M), strides (stride_pb, stride_pm)
-    X1,  # x1: (B, M), strides (stride_xb, stride_xm)
-    SEED,  # seed: (1,) int64 (read when not HAS_NOISE)
-    X0,  # x0: (B, M) contiguous (read when HAS_NOISE)
-    PART,  # out: (B, P) fp32 contiguous, partial sums of (pred − (x1 − x0))²
+def _residual4(
+    PRED,
+    X1,
+    SEED,
+    seed_int,
+    s_off,
+    X0,
+    b,
+    m0,
+    g,
     M,
-    E_OFF,  # int64 Philox counter offset: sample_offset·M
     stride_pb,
     stride_pm,
     stride_xb,
     stride_xm,
     HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LANE: tl.constexpr,
+):
+    """``pred − (x1 − x0)`` of the four lane tiles, in ACC (0 past M)."""
+    x1r = _load4(X1 + b * stride_xb, m0, stride_xm, M, LANE)
+    p = _acc4(_load4(PRED + b * stride_pb, m0, stride_pm, M, LANE), ACC)
+    x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, x1r[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE)
+    x1 = _acc4(x1r, ACC)
+    # masked elements: p = x1 = 0 but x0 != 0 when generated
+    d0 = tl.where(m0 < M, p[0] - (x1[0] - x0[0]), 0.0)
+    d1 = tl.where(m0 + LANE < M, p[1] - (x1[1] - x0[1]), 0.0)
+    d2 = tl.where(m0 + 2 * LANE < M, p[2] - (x1[2] - x0[2]), 0.0)
+    d3 = tl.where(m0 + 3 * LANE < M, p[3] - (x1[3] - x0[3]), 0.0)
+    return d0, d1, d2, d3
+
+
+@triton.jit(do_not_specialize=_DNS)
+def flow_loss_fwd_kernel(
+    PRED,  # pred: (B, M), strides (stride_pb, stride_pm)
+    X1,  # x1: (B, M), strides (stride_xb, stride_xm)
+    SEED,  # seed: (1,) int64 (read when SEED_IN_PTR and not HAS_NOISE)
+    X0,  # x0: (B, M) contiguous (read when HAS_NOISE)
+    PART,  # out: (B, P) fp32 contiguous, partial sums of (pred − (x1 − x0))²
+    M,
+    seed_int: tl.int64,
+    s_off: tl.int64,
+    stride_pb,
+    stride_pm,
+    stride_xb,
+    stride_xm,
+    HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    LANE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pid1 = tl.program_id(1).to(tl.int64)
-    m, ok, e = _row(b, pid1, M, BLOCK)
-    d = _residual(PRED, X1, SEED, X0, b, m, e, E_OFF, ok, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
-    sq = tl.where(ok, d * d, 0.0)
-    tl.store(PART + b * tl.num_programs(1) + pid1, tl.sum(sq, axis=0).to(tl.float32))
+    pid1 = tl.program_id(1)
+    m0, g = _chunks(pid1, ROWS, LANE)
+    d0, d1, d2, d3 = _residual4(
+        PRED,
+        X1,
+        SEED,
+        seed_int,
+        s_off,
+        X0,
+        b,
+        m0,
+        g,
+        M,
+        stride_pb,
+        stride_pm,
+        stride_xb,
+        stride_xm,
+        HAS_NOISE,
+        SEED_IN_PTR,
+        ROUNDS,
+        ACC,
+        LANE,
+    )
+    sq = d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
+    tl.store(PART + b * tl.num_programs(1) + pid1, tl.sum(tl.sum(sq, axis=1), axis=0).to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DNS)
 def flow_loss_bwd_kernel(
     GRAD,  # grad of the loss: (1,) fp32
     PRED,  # pred: (B, M), strides (stride_pb, stride_pm)
     X1,  # x1: (B, M), strides (stride_xb, stride_xm)
-    SEED,  # seed: (1,) int64 (read when not HAS_NOISE)
+    SEED,  # seed: (1,) int64 (read when SEED_IN_PTR and not HAS_NOISE)
     X0,  # x0: (B, M) contiguous (read when HAS_NOISE)
-    DPRED,  # out: (B, M) contiguous, dtype of pred
-    DX1,  # out: (B, M) contiguous, dtype of x1
+    DPRED,  # out: (B, M) contiguous, dtype of pred (written when NEED_DPRED)
+    DX1,  # out: (B, M) contiguous, dtype of x1 (written when NEED_DX1)
     M,
-    E_OFF,  # int64 Philox counter offset: sample_offset·M
-    numel,  # B·M
+    inv_numel,  # 2 / (B·M): d loss / d pred = grad · inv_numel · (pred − (x1 − x0))
+    seed_int: tl.int64,
+    s_off: tl.int64,
     stride_pb,
     stride_pm,
     stride_xb,
     stride_xm,
     HAS_NOISE: tl.constexpr,
+    NEED_DPRED: tl.constexpr,
+    NEED_DX1: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    LANE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pid1 = tl.program_id(1).to(tl.int64)
-    m, ok, e = _row(b, pid1, M, BLOCK)
-    d = _residual(PRED, X1, SEED, X0, b, m, e, E_OFF, ok, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
-    g = tl.load(GRAD).to(ACC)
-    dp = (2.0 * g) * d / numel
-    tl.store(DPRED + e, dp.to(DPRED.dtype.element_ty), mask=ok)
-    tl.store(DX1 + e, (-dp).to(DX1.dtype.element_ty), mask=ok)
+    m0, g = _chunks(tl.program_id(1), ROWS, LANE)
+    d0, d1, d2, d3 = _residual4(
+        PRED,
+        X1,
+        SEED,
+        seed_int,
+        s_off,
+        X0,
+        b,
+        m0,
+        g,
+        M,
+        stride_pb,
+        stride_pm,
+        stride_xb,
+        stride_xm,
+        HAS_NOISE,
+        SEED_IN_PTR,
+        ROUNDS,
+        ACC,
+        LANE,
+    )
+    scale = tl.load(GRAD).to(ACC) * inv_numel  # one scalar: no per-element division
+    if NEED_DPRED:
+        _store4(DPRED + b * M, m0, M, scale * d0, scale * d1, scale * d2, scale * d3, LANE)
+    if NEED_DX1:
+        _store4(DX1 + b * M, m0, M, -scale * d0, -scale * d1, -scale * d2, -scale * d3, LANE)
+
+
+@triton.jit(do_not_specialize=_DNS)
+def flow_noise_kernel(
+    SEED,  # seed: (1,) int64 (read when SEED_IN_PTR)
+    X0,  # out: (B, M) contiguous
+    M,
+    seed_int: tl.int64,
+    s_off: tl.int64,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ROWS: tl.constexpr,
+    LANE: tl.constexpr,
+):
+    """Materialise the x0 that the fused kernels generate (``flow_matching_noise``, tests)."""
+    b = tl.program_id(0).to(tl.int64)
+    m0, g = _chunks(tl.program_id(1), ROWS, LANE)
+    k0, k1 = philox_key(SEED, seed_int, SEED_IN_PTR)
+    s_lo, s_hi = sample_words(b + s_off)
+    a0, a1, a2, a3 = flow_normals(k0, k1, s_lo, s_hi, g, g.to(tl.uint32) * 0, ROUNDS)
+    _store4(X0 + b * M, m0, M, a0, a1, a2, a3, LANE)

@@ -11,7 +11,13 @@ from rectok_fast.ops.flow_matching import flow_matching_loss, flow_matching_nois
 from rectok_fast.reference.flow_matching import flow_matching_loss as ref_loss
 from rectok_fast.reference.flow_matching import flow_matching_xt as ref_xt
 
-SHAPES = [(1, 1), (2, 7), (3, 257), (2, 129, 3), (2, 4, 5, 7)]
+SHAPES = [(1, 1), (2, 7), (3, 257), (2, 129, 3), (2, 4, 5, 7), (2, 2049), (1, 3, 1500)]
+
+
+def _exact(kernel_device):
+    """Tolerances of x_t against the eager reference given the same x0: bit for bit under the
+    interpreter (which never contracts mul+add into an FMA), to rounding on a GPU (FMA on)."""
+    return {"rtol": 0, "atol": 0} if kernel_device == "cpu" else {"rtol": 1e-6, "atol": 1e-6}
 
 
 def _leaf(x):
@@ -41,7 +47,7 @@ def test_xt_seed_matches_reference_fp32(kernel_device, shape):
     out, dx1, dt = _xt_and_grads(flow_matching_xt, x1, t, g, seed=77, backend="triton")
     assert rectok_fast.last_backend("flow_matching_xt") == "triton"
     ref, rdx1, rdt = _xt_and_grads(lambda a, tt: ref_xt(a, tt, x0), x1, t, g)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # same op order, no FMA contraction
+    torch.testing.assert_close(out, ref, **_exact(kernel_device))  # same op order
     torch.testing.assert_close(dx1, rdx1, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
 
@@ -67,7 +73,7 @@ def test_explicit_noise_matches_reference(kernel_device):
     g = torch.randn(shape, device=kernel_device)
     out, dx1, dt = _xt_and_grads(flow_matching_xt, x1, t, g, noise=x0, backend="triton")
     ref, rdx1, rdt = _xt_and_grads(lambda a, tt: ref_xt(a, tt, x0), x1, t, g)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, **_exact(kernel_device))
     torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dx1, rdx1)
     loss, dp, dx = _loss_and_grads(flow_matching_loss, pred, x1, t, noise=x0, backend="triton")
@@ -267,7 +273,7 @@ def test_sample_offset_int64_and_validation(kernel_device):
     with pytest.raises(ValueError, match="sample_offset"):
         flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=-1, backend="triton")
     with pytest.raises(ValueError, match="int64"):
-        flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=2**62, backend="triton")
+        flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=2**63 - 2, backend="triton")
     with pytest.raises(TypeError, match="sample_offset"):
         flow_matching_xt(x1, torch.zeros(2, device=kernel_device), seed=5, sample_offset=1.0, backend="triton")
     with pytest.raises(ValueError, match="reference path"):
@@ -309,3 +315,62 @@ def test_compile_fullgraph_sample_offset(kernel_device):
     out_e.backward()
     torch.testing.assert_close(a1.grad, a2.grad)
     torch.testing.assert_close(t1.grad, t2.grad)
+
+
+# ----------------------------------------------------------------------------- only the gradients asked for
+
+
+def test_backward_writes_only_requested_gradients(kernel_device, monkeypatch):
+    """x1 without grad: no dx1 is written (need_dx1=False); t without grad: no dL/dt partials and
+    no x0 regeneration in flow_matching_xt's backward.  Values equal the full computation's."""
+    import importlib
+
+    mod = importlib.import_module("rectok_fast.ops.flow_matching")
+    seen = []
+    real_loss, real_xt = mod._loss_bwd, mod._xt_bwd
+
+    def spy_loss(*a):
+        seen.append(("loss", a[-3], a[-2]))
+        return real_loss(*a)
+
+    def spy_xt(*a):
+        seen.append(("xt", a[-3], a[-2]))
+        return real_xt(*a)
+
+    monkeypatch.setattr(mod, "_loss_bwd", spy_loss)
+    monkeypatch.setattr(mod, "_xt_bwd", spy_xt)
+    shape = (2, 3, 700)
+    x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
+    t = torch.rand(2, device=kernel_device)
+    p1 = _leaf(pred)
+    flow_matching_loss(p1, x1, t, seed=8, backend="triton").backward()  # x1 needs no grad
+    _, p2g, x1g = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=8, backend="triton")
+    assert torch.equal(p1.grad, p2g)
+    a = _leaf(x1)
+    flow_matching_xt(a, t, seed=8, backend="triton").backward(torch.ones(shape, device=kernel_device))  # t no grad
+    assert torch.equal(a.grad, t.reshape(2, 1, 1).expand(shape))
+    assert seen[0] == ("loss", True, False) and seen[1] == ("loss", True, True) and seen[2] == ("xt", True, False)
+
+
+def test_int_seed_under_compile_and_opcheck_modes(kernel_device):
+    x1 = torch.randn(2, 4, 6, device=kernel_device)
+    t = torch.rand(2, device=kernel_device)
+
+    def f(a, tt):
+        return flow_matching_xt(a, tt, seed=99, philox_rounds=7, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if kernel_device == "cpu" else "inductor")
+    assert torch.equal(compiled(x1, t), f(x1, t))
+    x0 = flow_matching_noise(99, (2, 4, 6), kernel_device, philox_rounds=7)
+    torch.testing.assert_close(f(x1, t), ref_xt(x1, t, x0), **_exact(kernel_device))
+    ops = torch.ops.rectok_fast
+    xg, tg = x1.clone().requires_grad_(), t.clone().requires_grad_()
+    torch.library.opcheck(ops.flow_matching_xt.default, (xg, tg, None, None, 1, -3, 7))
+    torch.library.opcheck(ops.flow_matching_loss.default, (xg, x1, None, None, 0, 2**40, 10))
+    g = torch.randn(2, 4, 6, device=kernel_device)
+    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1, t, None, None, 0, 5, False, True, 10))
+    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1, t, None, None, 0, 5, True, False, 10))
+    torch.library.opcheck(
+        ops.flow_matching_loss_backward.default,
+        (torch.tensor(1.5, device=kernel_device), x1, x1, None, None, 0, 5, True, False, 10),
+    )

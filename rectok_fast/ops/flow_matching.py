@@ -4,15 +4,18 @@ Chain: :mod:`rectok_fast.kernels.flow_matching` -> launchers -> registered ops
 ``rectok_fast::flow_matching_xt`` / ``rectok_fast::flow_matching_loss`` and their ``*_backward`` ops
 (fake + autograd) -> the functionals :func:`flow_matching_xt` and :func:`flow_matching_loss`.
 
-Called with the same ``seed``, both functionals regenerate the same ``x0`` (element ``e`` of the
-row-major (B, ...) tensor draws Philox normal ``e``; see :mod:`rectok_fast.kernels.posterior_flow`),
-and their backwards regenerate it again: no x0 tensor is ever stored.  :func:`flow_matching_noise`
-materialises that x0.  ``sample_offset`` (global index of the batch's first sample) shifts the
-counters by ``sample_offset·M`` so that sample ``b`` draws the x0 of global sample
-``b + sample_offset``: a rank's slice ``[i:j]`` of a global batch called with ``sample_offset=i``
-sees exactly rows ``i:j`` of the whole batch's x0 (forward and backward, bit for bit).  The
-reference path draws x0 with ``torch.randn`` from a ``torch.Generator`` seeded with ``seed``: a
-different stream from the Triton one, which cannot be offset (``sample_offset != 0`` raises there).
+Called with the same ``seed``, both functionals regenerate the same ``x0`` (noise stream
+``NOISE_STREAM_VERSION`` = 2 of :mod:`rectok_fast.kernels.philox`: one Philox-4x32 call per four
+elements of a sample's row), and their backwards regenerate it again: no x0 tensor is ever stored.
+:func:`flow_matching_noise` materialises that x0.  ``sample_offset`` (global index of the batch's
+first sample) keys the counters by the global sample ``b + sample_offset``: a rank's slice
+``[i:j]`` of a global batch called with ``sample_offset=i`` sees exactly rows ``i:j`` of the whole
+batch's x0 (forward and backward, bit for bit).  A Python ``int`` seed is a kernel scalar (no copy,
+no sync, no recompile).  The backwards write only the gradients autograd asks for (no ``dx1`` when
+``x1`` needs none, no dL/dt partials when ``t`` needs none: then ``flow_matching_xt``'s backward
+does not regenerate x0 at all).  The reference path draws x0 with ``torch.randn`` from a
+``torch.Generator`` seeded with ``seed``: a different stream from the Triton one, which cannot be
+offset (``sample_offset != 0`` raises there).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from rectok_fast._backend import resolve_triton_backend, triton_interpret
+from rectok_fast._backend import resolve_triton_backend
 from rectok_fast._validate import FLOAT_DTYPES, check_same_device, check_tensor
 from rectok_fast.kernels.flow_matching import (
     flow_loss_bwd_kernel,
@@ -28,146 +31,175 @@ from rectok_fast.kernels.flow_matching import (
     flow_xt_bwd_kernel,
     flow_xt_fwd_kernel,
 )
-from rectok_fast.ops.posterior_flow import (
-    _acc,
-    check_offset_usage,
-    check_sample_offset,
-    default_seed,
-    launch_normal_stream,
-    reference_generator,
-    seed_tensor,
-)
 from rectok_fast.reference.flow_matching import flow_matching_loss as _ref_loss
 from rectok_fast.reference.flow_matching import flow_matching_xt as _ref_xt
 
-__all__ = ["flow_matching_loss", "flow_matching_noise", "flow_matching_xt"]
+from ._noise import (
+    FM_LANE,
+    NOISE_STREAM_VERSION,
+    PHILOX_ROUNDS,
+    check_flow_row,
+    check_offset_usage,
+    check_rounds,
+    check_sample_offset,
+    default_seed,
+    flow_rows,
+    launch_flow_noise,
+    reference_generator,
+    seed_args,
+)
+from .posterior_flow import _acc
 
-
-def _block(M: int) -> tuple[int, int]:
-    if triton_interpret():
-        return max(16, min(triton.next_power_of_2(M), 16384)), 4
-    return max(16, min(triton.next_power_of_2(M), 2048)), 4
+__all__ = ["NOISE_STREAM_VERSION", "flow_matching_loss", "flow_matching_noise", "flow_matching_xt"]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (B, M) view when the layout allows (else a copy); strides are passed to the kernel."""
-    return x.reshape(x.shape[0], -1)
+    """(B, ...) -> (B, M) view when the layout allows (else a copy); strides are passed to the kernel.
+    In-row offsets are int32: a row whose strided span reaches 2**31 elements is copied."""
+    x = x.reshape(x.shape[0], -1)
+    if x.shape[1] and abs(x.stride(1)) * (x.shape[1] + 4 * FM_LANE) >= 2**31:
+        x = x.contiguous()
+    return x
 
 
 def _noise_arg(x0: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
-    return _rows(x0).contiguous() if x0 is not None else dummy
+    return x0.reshape(x0.shape[0], -1).contiguous() if x0 is not None else dummy
+
+
+def _grid(B: int, M: int) -> tuple[tuple[int, int], int, int]:
+    rows, warps = flow_rows(M)
+    return (B, triton.cdiv(M, 4 * FM_LANE * rows)), rows, warps
+
+
+def _seed_ptr(seed, dummy):
+    return seed if seed is not None else dummy
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _xt_fwd(x1, t, seed, x0, offset=0):
-    B = x1.shape[0]
-    x = _rows(x1)
-    M = x.shape[1]
+def _xt_fwd(x1, t, seed, x0, offset, seed_int, rounds):
     out = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype)
     if out.numel() == 0:
         return out
-    block, warps = _block(M)
-    flow_xt_fwd_kernel[(B, triton.cdiv(M, block))](
+    x = _rows(x1)
+    B, M = x.shape
+    grid, rows, warps = _grid(B, M)
+    flow_xt_fwd_kernel[grid](
         x,
         t.contiguous(),
-        seed if seed is not None else out,
+        _seed_ptr(seed, out),
         _noise_arg(x0, out),
         out,
         M,
-        int(offset) * M,
+        int(seed_int),
+        int(offset),
         *x.stride(),
         HAS_NOISE=x0 is not None,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
         ACC=_acc(x1.dtype),
-        BLOCK=block,
+        ROWS=rows,
+        LANE=FM_LANE,
         num_warps=warps,
-        enable_fp_fusion=False,  # x_t bit-identical to the eager reference given the same x0
+        enable_fp_fusion=True,  # the interpreter never contracts: on the CPU x_t equals the eager reference bit for bit
     )
     return out
 
 
-def _xt_bwd(grad, x1, t, seed, x0, offset=0):
+def _xt_bwd(grad, x1, t, seed, x0, offset, seed_int, need_dx1, need_dt, rounds):
+    dx1 = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype) if need_dx1 else x1.new_empty(0)
     B = x1.shape[0]
+    if x1.numel() == 0 or not (need_dx1 or need_dt):
+        return dx1, (torch.zeros_like(t) if need_dt else t.new_empty(0))
     x = _rows(x1)
     M = x.shape[1]
-    dx1 = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype)
-    if dx1.numel() == 0:
-        return dx1, torch.zeros_like(t)
-    block, warps = _block(M)
-    P = triton.cdiv(M, block)
-    dt_part = torch.empty((B, P), device=x1.device, dtype=torch.float32)
-    flow_xt_bwd_kernel[(B, P)](
+    grid, rows, warps = _grid(B, M)
+    dt_part = torch.empty(grid if need_dt else (0,), device=x1.device, dtype=torch.float32)
+    flow_xt_bwd_kernel[grid](
         grad.contiguous(),
         x,
         t.contiguous(),
-        seed if seed is not None else dx1,
-        _noise_arg(x0, dx1),
-        dx1,
-        dt_part,
+        _seed_ptr(seed, x),
+        _noise_arg(x0, x),
+        dx1 if need_dx1 else x,
+        dt_part if need_dt else x,
         M,
-        int(offset) * M,
+        int(seed_int),
+        int(offset),
         *x.stride(),
         HAS_NOISE=x0 is not None,
+        NEED_DX1=need_dx1,
+        NEED_DT=need_dt,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
         ACC=_acc(x1.dtype),
-        BLOCK=block,
+        ROWS=rows,
+        LANE=FM_LANE,
         num_warps=warps,
     )
-    return dx1, dt_part.sum(1).to(t.dtype)
+    return dx1, (dt_part.sum(1).to(t.dtype) if need_dt else t.new_empty(0))
 
 
-def _loss_fwd(pred, x1, seed, x0, offset=0):
-    B = x1.shape[0]
-    p, x = _rows(pred), _rows(x1)
-    M = x.shape[1]
-    if x.numel() == 0:
+def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds):
+    if x1.numel() == 0:
         return torch.full((), float("nan"), device=x1.device, dtype=torch.float32)
-    block, warps = _block(M)
-    P = triton.cdiv(M, block)
-    part = torch.empty((B, P), device=x1.device, dtype=torch.float32)
-    flow_loss_fwd_kernel[(B, P)](
+    p, x = _rows(pred), _rows(x1)
+    B, M = x.shape
+    grid, rows, warps = _grid(B, M)
+    part = torch.empty(grid, device=x1.device, dtype=torch.float32)
+    flow_loss_fwd_kernel[grid](
         p,
         x,
-        seed if seed is not None else part,
+        _seed_ptr(seed, part),
         _noise_arg(x0, part),
         part,
         M,
-        int(offset) * M,
+        int(seed_int),
+        int(offset),
         *p.stride(),
         *x.stride(),
         HAS_NOISE=x0 is not None,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
         ACC=_acc(torch.promote_types(pred.dtype, x1.dtype)),
-        BLOCK=block,
+        ROWS=rows,
+        LANE=FM_LANE,
         num_warps=warps,
     )
     return part.sum() / x.numel()
 
 
-def _loss_bwd(grad, pred, x1, seed, x0, offset=0):
-    B = x1.shape[0]
-    p, x = _rows(pred), _rows(x1)
-    M = x.shape[1]
-    dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
-    dx1 = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype)
-    if x.numel() == 0:
+def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds):
+    dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype) if need_dpred else pred.new_empty(0)
+    dx1 = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype) if need_dx1 else x1.new_empty(0)
+    if x1.numel() == 0 or not (need_dpred or need_dx1):
         return dpred, dx1
-    block, warps = _block(M)
-    flow_loss_bwd_kernel[(B, triton.cdiv(M, block))](
+    p, x = _rows(pred), _rows(x1)
+    B, M = x.shape
+    grid, rows, warps = _grid(B, M)
+    flow_loss_bwd_kernel[grid](
         grad.reshape(1).to(torch.float32),
         p,
         x,
-        seed if seed is not None else dpred,
-        _noise_arg(x0, dpred),
-        dpred,
-        dx1,
+        _seed_ptr(seed, x),
+        _noise_arg(x0, x),
+        dpred if need_dpred else x,
+        dx1 if need_dx1 else x,
         M,
-        int(offset) * M,
-        x.numel(),
+        2.0 / x.numel(),
+        int(seed_int),
+        int(offset),
         *p.stride(),
         *x.stride(),
         HAS_NOISE=x0 is not None,
+        NEED_DPRED=need_dpred,
+        NEED_DX1=need_dx1,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
         ACC=_acc(torch.promote_types(pred.dtype, x1.dtype)),
-        BLOCK=block,
+        ROWS=rows,
+        LANE=FM_LANE,
         num_warps=warps,
     )
     return dpred, dx1
@@ -178,13 +210,19 @@ def _loss_bwd(grad, pred, x1, seed, x0, offset=0):
 
 @torch.library.custom_op("rectok_fast::flow_matching_xt", mutates_args=())
 def _xt_op(
-    x1: torch.Tensor, t: torch.Tensor, seed: torch.Tensor | None, x0: torch.Tensor | None, sample_offset: int = 0
+    x1: torch.Tensor,
+    t: torch.Tensor,
+    seed: torch.Tensor | None,
+    x0: torch.Tensor | None,
+    sample_offset: int = 0,
+    seed_int: int = 0,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> torch.Tensor:
-    return _xt_fwd(x1, t, seed, x0, sample_offset)
+    return _xt_fwd(x1, t, seed, x0, sample_offset, seed_int, philox_rounds)
 
 
 @_xt_op.register_fake
-def _(x1, t, seed, x0, sample_offset=0):
+def _(x1, t, seed, x0, sample_offset=0, seed_int=0, philox_rounds=PHILOX_ROUNDS):
     return x1.new_empty(x1.shape)
 
 
@@ -196,25 +234,33 @@ def _xt_bwd_op(
     seed: torch.Tensor | None,
     x0: torch.Tensor | None,
     sample_offset: int = 0,
+    seed_int: int = 0,
+    need_dx1: bool = True,
+    need_dt: bool = True,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _xt_bwd(grad, x1, t, seed, x0, sample_offset)
+    """(dx1, dt); each is an empty tensor when not needed."""
+    return _xt_bwd(grad, x1, t, seed, x0, sample_offset, seed_int, need_dx1, need_dt, philox_rounds)
 
 
 @_xt_bwd_op.register_fake
-def _(grad, x1, t, seed, x0, sample_offset=0):
-    return x1.new_empty(x1.shape), torch.empty_like(t)
+def _(grad, x1, t, seed, x0, sample_offset=0, seed_int=0, need_dx1=True, need_dt=True, philox_rounds=PHILOX_ROUNDS):
+    return (x1.new_empty(x1.shape) if need_dx1 else x1.new_empty(0)), (
+        torch.empty_like(t) if need_dt else t.new_empty(0)
+    )
 
 
 def _xt_setup(ctx, inputs, output):
-    x1, t, seed, x0, sample_offset = inputs
+    x1, t, seed, x0, sample_offset, seed_int, rounds = inputs
     ctx.save_for_backward(x1, t, seed, x0)
-    ctx.sample_offset = sample_offset
+    ctx.sample_offset, ctx.seed_int, ctx.rounds = sample_offset, seed_int, rounds
 
 
 def _xt_backward(ctx, grad):
     x1, t, seed, x0 = ctx.saved_tensors
-    dx1, dt = _xt_bwd_op(grad, x1, t, seed, x0, ctx.sample_offset)
-    return dx1, dt, None, None, None
+    need_dx1, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx1, dt = _xt_bwd_op(grad, x1, t, seed, x0, ctx.sample_offset, ctx.seed_int, need_dx1, need_dt, ctx.rounds)
+    return (dx1 if need_dx1 else None), (dt if need_dt else None), None, None, None, None, None
 
 
 _xt_op.register_autograd(_xt_backward, setup_context=_xt_setup)
@@ -222,13 +268,19 @@ _xt_op.register_autograd(_xt_backward, setup_context=_xt_setup)
 
 @torch.library.custom_op("rectok_fast::flow_matching_loss", mutates_args=())
 def _loss_op(
-    pred: torch.Tensor, x1: torch.Tensor, seed: torch.Tensor | None, x0: torch.Tensor | None, sample_offset: int = 0
+    pred: torch.Tensor,
+    x1: torch.Tensor,
+    seed: torch.Tensor | None,
+    x0: torch.Tensor | None,
+    sample_offset: int = 0,
+    seed_int: int = 0,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> torch.Tensor:
-    return _loss_fwd(pred, x1, seed, x0, sample_offset)
+    return _loss_fwd(pred, x1, seed, x0, sample_offset, seed_int, philox_rounds)
 
 
 @_loss_op.register_fake
-def _(pred, x1, seed, x0, sample_offset=0):
+def _(pred, x1, seed, x0, sample_offset=0, seed_int=0, philox_rounds=PHILOX_ROUNDS):
     return pred.new_empty((), dtype=torch.float32)
 
 
@@ -240,25 +292,35 @@ def _loss_bwd_op(
     seed: torch.Tensor | None,
     x0: torch.Tensor | None,
     sample_offset: int = 0,
+    seed_int: int = 0,
+    need_dpred: bool = True,
+    need_dx1: bool = True,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _loss_bwd(grad, pred, x1, seed, x0, sample_offset)
+    """(dpred, dx1); each is an empty tensor when not needed."""
+    return _loss_bwd(grad, pred, x1, seed, x0, sample_offset, seed_int, need_dpred, need_dx1, philox_rounds)
 
 
 @_loss_bwd_op.register_fake
-def _(grad, pred, x1, seed, x0, sample_offset=0):
-    return pred.new_empty(pred.shape), x1.new_empty(x1.shape)
+def _(
+    grad, pred, x1, seed, x0, sample_offset=0, seed_int=0, need_dpred=True, need_dx1=True, philox_rounds=PHILOX_ROUNDS
+):
+    return (pred.new_empty(pred.shape) if need_dpred else pred.new_empty(0)), (
+        x1.new_empty(x1.shape) if need_dx1 else x1.new_empty(0)
+    )
 
 
 def _loss_setup(ctx, inputs, output):
-    pred, x1, seed, x0, sample_offset = inputs
+    pred, x1, seed, x0, sample_offset, seed_int, rounds = inputs
     ctx.save_for_backward(pred, x1, seed, x0)
-    ctx.sample_offset = sample_offset
+    ctx.sample_offset, ctx.seed_int, ctx.rounds = sample_offset, seed_int, rounds
 
 
 def _loss_backward(ctx, grad):
     pred, x1, seed, x0 = ctx.saved_tensors
-    dpred, dx1 = _loss_bwd_op(grad, pred, x1, seed, x0, ctx.sample_offset)
-    return dpred, dx1, None, None, None
+    need_dp, need_dx1 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dpred, dx1 = _loss_bwd_op(grad, pred, x1, seed, x0, ctx.sample_offset, ctx.seed_int, need_dp, need_dx1, ctx.rounds)
+    return (dpred if need_dp else None), (dx1 if need_dx1 else None), None, None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -288,6 +350,13 @@ def _validate(op, x1, t, noise, seed, pred=None):
     check_same_device(op, x1=x1, t=t, pred=pred, noise=noise)
 
 
+def _per_sample(x: torch.Tensor) -> int:
+    n = 1
+    for d in x.shape[1:]:
+        n *= int(d)
+    return n
+
+
 def _reference_noise(x1: torch.Tensor, seed) -> torch.Tensor:
     gen = reference_generator(seed, x1.device)
     kw = {} if gen is None else {"generator": gen}  # generator=None rejects symbolic shapes under compile
@@ -301,6 +370,7 @@ def flow_matching_xt(
     noise: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None,
     sample_offset: int = 0,
+    philox_rounds: int = PHILOX_ROUNDS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The model input ``x_t = t·x1 + (1 − t)·x0`` (t = 1 is the data end), x0 ~ N(0, I) in-kernel.
@@ -309,13 +379,15 @@ def flow_matching_xt(
         x1: (B, ...) data latents, any float dtype and strides.
         t: (B,) time per sample; gradients flow to ``x1`` and ``t``.
         noise: optional explicit x0 with the shape of ``x1`` (no gradient).
-        seed: python int or 1-element integer tensor; the same seed in :func:`flow_matching_loss`
-            regenerates the same x0.  At most one of ``noise`` / ``seed``; with neither, a seed is
+        seed: python int (a kernel scalar: no copy, no sync, no recompile) or 1-element integer
+            tensor (read on the device); the same seed in :func:`flow_matching_loss` regenerates
+            the same x0.  At most one of ``noise`` / ``seed``; with neither, a seed is
             drawn from torch's default generator on the device of ``x1``.
         sample_offset: global index of this batch's first sample (>= 0): sample ``b`` draws the
             x0 of global sample ``b + sample_offset`` (a rank's slice ``[i:j]`` with
             ``sample_offset=i`` sees rows ``i:j`` of the global batch's x0).  Seeded Triton stream
             only: nonzero with ``noise`` or on the reference path raises ``ValueError``.
+        philox_rounds: Philox rounds of the in-kernel stream, 10 (default) or 7 (a different stream).
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (the reference draws x0 from a
             ``torch.Generator`` seeded with ``seed``: not the Triton stream).
 
@@ -324,7 +396,9 @@ def flow_matching_xt(
     """
     op = "flow_matching_xt"
     _validate(op, x1, t, noise, seed)
-    check_sample_offset(op, sample_offset, x1.shape[0], x1[0].numel() if x1.shape[0] else 0)
+    check_sample_offset(op, sample_offset, x1.shape[0])
+    check_flow_row(op, _per_sample(x1))
+    rounds = check_rounds(op, philox_rounds)
     t = t.reshape(-1)
     chosen = resolve_triton_backend(op, backend, x1, t)
     check_offset_usage(op, sample_offset, noise is not None, chosen)
@@ -333,8 +407,8 @@ def flow_matching_xt(
         return _ref_xt(x1, t, x0)
     if noise is not None:
         return _xt_op(x1, t, None, noise, 0)
-    s = default_seed(x1.device) if seed is None else seed_tensor(op, seed, x1.device)
-    return _xt_op(x1, t, s, None, sample_offset)
+    seed_t, seed_int = (default_seed(x1.device), 0) if seed is None else seed_args(op, seed, x1.device)
+    return _xt_op(x1, t, seed_t, None, sample_offset, seed_int, rounds)
 
 
 def flow_matching_loss(
@@ -345,6 +419,7 @@ def flow_matching_loss(
     noise: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None,
     sample_offset: int = 0,
+    philox_rounds: int = PHILOX_ROUNDS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Velocity flow-matching loss ``mean((pred − (x1 − x0))²)`` as a 0-dim fp32 tensor.
@@ -353,15 +428,17 @@ def flow_matching_loss(
         pred: (B, ...) predicted velocity, the shape of ``x1``.
         x1: (B, ...) data latents.
         t: (B,) time per sample (validated; the target does not depend on it, so no gradient).
-        noise, seed, sample_offset, backend: as in :func:`flow_matching_xt`; pass the seed and
-            offset used for ``x_t``.  The mean is over this call's (local) ``B·M`` elements.
+        noise, seed, sample_offset, philox_rounds, backend: as in :func:`flow_matching_xt`; pass
+            the seed, offset and rounds used for ``x_t``.  The mean is over this call's (local) ``B·M`` elements.
 
     Returns:
         0-dim fp32 loss; gradients flow to ``pred`` and ``x1``.
     """
     op = "flow_matching_loss"
     _validate(op, x1, t, noise, seed, pred=pred)
-    check_sample_offset(op, sample_offset, x1.shape[0], x1[0].numel() if x1.shape[0] else 0)
+    check_sample_offset(op, sample_offset, x1.shape[0])
+    check_flow_row(op, _per_sample(x1))
+    rounds = check_rounds(op, philox_rounds)
     t = t.reshape(-1)
     chosen = resolve_triton_backend(op, backend, pred, x1, t)
     check_offset_usage(op, sample_offset, noise is not None, chosen)
@@ -370,8 +447,8 @@ def flow_matching_loss(
         return _ref_loss(pred, x1, t, x0)
     if noise is not None:
         return _loss_op(pred, x1, None, noise, 0)
-    s = default_seed(x1.device) if seed is None else seed_tensor(op, seed, x1.device)
-    return _loss_op(pred, x1, s, None, sample_offset)
+    seed_t, seed_int = (default_seed(x1.device), 0) if seed is None else seed_args(op, seed, x1.device)
+    return _loss_op(pred, x1, seed_t, None, sample_offset, seed_int, rounds)
 
 
 def flow_matching_noise(
@@ -381,21 +458,26 @@ def flow_matching_noise(
     dtype: torch.dtype = torch.float32,
     *,
     sample_offset: int = 0,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> torch.Tensor:
-    """The x0 of ``shape`` (B, ...) that the Triton path generates for ``seed`` and ``sample_offset``
-    (small kernel, same formula); with ``sample_offset=i`` it is rows ``i:i+B`` of the x0 of a
-    larger batch with the same per-sample shape."""
+    """The x0 of ``shape`` (B, ...) that the Triton path generates for ``seed``, ``sample_offset``
+    and ``philox_rounds`` (small kernel, same noise functions); with ``sample_offset=i`` it is rows
+    ``i:i+B`` of the x0 of a larger batch with the same per-sample shape."""
+    op = "flow_matching_noise"
+    if len(shape) < 1:
+        raise ValueError(f"{op}: `shape` must have a batch dim (B, ...), got {tuple(shape)}")
     device = (
         torch.device(device)
         if device is not None
         else (seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu"))
     )
-    resolve_triton_backend("flow_matching_noise", "triton", torch.empty(0, device=device))
-    s = seed_tensor("flow_matching_noise", seed, device)
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    per_sample = numel // int(shape[0]) if len(shape) and int(shape[0]) else 0
-    e_off = check_sample_offset("flow_matching_noise", sample_offset, int(shape[0]) if len(shape) else 1, per_sample)
-    a, _ = launch_normal_stream(s, numel, device, dtype, two=False, e_off=e_off)
-    return a.view(*shape)
+    resolve_triton_backend(op, "triton", torch.empty(0, device=device))
+    seed_t, seed_int = seed_args(op, seed, device)
+    B = int(shape[0])
+    M = 1
+    for d in shape[1:]:
+        M *= int(d)
+    check_flow_row(op, M)
+    check_sample_offset(op, sample_offset, B)
+    rounds = check_rounds(op, philox_rounds)
+    return launch_flow_noise(seed_t, seed_int, B, M, device, dtype, sample_offset, rounds).view(*shape)

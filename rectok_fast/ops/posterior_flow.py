@@ -4,17 +4,23 @@ Chain: :mod:`rectok_fast.kernels.posterior_flow` (Triton) -> launchers below -> 
 ``rectok_fast::posterior_flow`` / ``rectok_fast::posterior_flow_backward`` (fake + autograd) ->
 the functional :func:`posterior_flow`.
 
-With ``seed`` the two noise tensors are generated inside the kernel from a Philox stream (element
-``e = (b·N + n)·C + c``, ε₁ and ε₂ from disjoint output words of the Philox call at counter ``e``;
-see the kernel module) and regenerated in the backward from the same seed: no (B, N, C) noise
-tensor is ever stored.  :func:`flow_noise` materialises that stream, so
-``posterior_flow(seed=s)`` equals the reference given ``noise=flow_noise(s, ...)``.
+With ``seed`` the two noise tensors are generated inside the kernel (noise stream
+``NOISE_STREAM_VERSION`` = 2 of :mod:`rectok_fast.kernels.philox`: one Philox-4x32 call per
+(global sample, token pair, channel) gives both noises of two tokens) and regenerated in the
+backward from the same seed: no (B, N, C) noise tensor is ever stored.  :func:`flow_noise`
+materialises that stream, so ``posterior_flow(seed=s)`` equals the reference given
+``noise=flow_noise(s, ...)``, bit for bit on one platform.  A Python ``int`` seed is a kernel
+scalar (no copy, no sync, no recompile); a tensor seed is read on the device.
 
-``sample_offset`` (the global index of this batch's first sample) shifts the Philox counters by
-``sample_offset·N·C`` so that sample ``b`` draws the numbers of global sample ``b + sample_offset``:
-for a global batch split across ranks, ``posterior_flow(m[i:j], t[i:j], seed=s, sample_offset=i)``
-equals ``posterior_flow(m, t, seed=s)`` restricted to rows ``i:j``, bit for bit (forward and
-backward; the KL is per sample).
+``sample_offset`` (the global index of this batch's first sample) keys the counters by the global
+sample ``b + sample_offset``: for a global batch split across ranks,
+``posterior_flow(m[i:j], t[i:j], seed=s, sample_offset=i)`` equals ``posterior_flow(m, t, seed=s)``
+restricted to rows ``i:j``, bit for bit (forward and backward; the KL is per sample).
+
+Nothing is computed for outputs nobody asked for: ``return_z=False`` neither computes nor stores
+``z``; a backward without a gradient for ``z`` (or ``kl``, or with ``t`` not requiring grad)
+neither allocates a zero gradient nor reads one, and without ``t``'s gradient the flow noise is
+not even regenerated.
 
 The reference path (``backend="reference"`` or CPU tensors under ``"auto"``) draws its noise with
 ``torch.randn`` from a ``torch.Generator`` seeded with ``seed``: a *different* stream from the
@@ -25,20 +31,30 @@ Triton one (same distribution, different numbers), which cannot be offset, so it
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from rectok_fast._backend import resolve_triton_backend, triton_interpret
+from rectok_fast._backend import resolve_triton_backend
 from rectok_fast._moved import moved_names
 from rectok_fast._validate import FLOAT_DTYPES, check_same_device, check_tensor
-from rectok_fast.kernels.posterior_flow import (
-    normal_pair_kernel,
-    posterior_flow_bwd_kernel,
-    posterior_flow_fwd_kernel,
-)
+from rectok_fast.kernels.posterior_flow import posterior_flow_bwd_kernel, posterior_flow_fwd_kernel
 from rectok_fast.reference.posterior_flow import posterior_flow as _ref_posterior_flow
 
-__all__ = ["flow_noise", "posterior_flow"]
+from ._noise import (
+    NOISE_STREAM_VERSION,
+    PHILOX_ROUNDS,
+    check_offset_usage,
+    check_rounds,
+    check_sample_offset,
+    default_seed,
+    launch_posterior_noise,
+    noise_stream_info,
+    posterior_grid,
+    posterior_tiles,
+    reference_generator,
+    seed_args,
+)
+
+__all__ = ["NOISE_STREAM_VERSION", "flow_noise", "noise_stream_info", "posterior_flow"]
 
 # the flow-time helpers moved to rectok_fast.schedules
 __getattr__ = moved_names(
@@ -46,7 +62,6 @@ __getattr__ = moved_names(
 )
 
 _OP = "posterior_flow"
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -56,174 +71,124 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tiles(N: int, C: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps).  Under the interpreter big tiles keep the program count low."""
-    if triton_interpret():
-        block_c = min(triton.next_power_of_2(C), 1024)
-        block_n = max(1, min(triton.next_power_of_2(N), 16384 // block_c))
-        return block_n, block_c, 4
-    block_c = min(triton.next_power_of_2(C), 128)
-    block_n = max(1, min(triton.next_power_of_2(N), 2048 // block_c))
-    return block_n, block_c, 4
+def _moments_2d_safe(moments: torch.Tensor, block_p: int) -> torch.Tensor:
+    """In-tile offsets are int32: copy a (pathologically) strided ``moments`` whose tile would span
+    2**31 elements or more."""
+    _, sn, sc = moments.stride()
+    if (2 * block_p + 1) * abs(sn) + 2 * moments.shape[2] * abs(sc) >= 2**31:
+        return moments.contiguous()
+    return moments
 
 
-def _grid(B: int, N: int, C: int, block_n: int, block_c: int) -> tuple[int, int, int]:
-    nb, cb = triton.cdiv(N, block_n), triton.cdiv(C, block_c)
-    return B * nb, cb, nb * cb  # grid0, grid1, partials per sample
-
-
-def seed_tensor(op: str, seed, device: torch.device) -> torch.Tensor:
-    """``seed`` (python int or a 1-element integer tensor) as a (1,) int64 tensor on ``device``."""
-    if isinstance(seed, bool):
-        raise TypeError(f"{op}: `seed` must be an int or an integer tensor, got bool")
-    if isinstance(seed, int):
-        if not -(2**63) <= seed < 2**63:
-            raise ValueError(f"{op}: `seed` must fit in int64, got {seed}")
-        return torch.tensor([seed], dtype=torch.int64, device=device)
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype not in _INT_DTYPES:
-            raise TypeError(f"{op}: `seed` tensor must have an integer dtype, got {seed.dtype}")
-        if seed.numel() != 1:
-            raise ValueError(f"{op}: `seed` tensor must have exactly one element, got shape {tuple(seed.shape)}")
-        if seed.device != device:
-            raise ValueError(f"{op}: `seed` is on {seed.device} but the data is on {device}")
-        return seed.reshape(1).to(torch.int64)
-    raise TypeError(f"{op}: `seed` must be an int or an integer tensor, got {type(seed).__name__}")
-
-
-def default_seed(device: torch.device) -> torch.Tensor:
-    """A fresh (1,) int64 seed drawn from torch's default generator on ``device`` (no host sync)."""
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
-
-
-def reference_generator(seed, device: torch.device) -> torch.Generator | None:
-    """A ``torch.Generator`` on ``device`` seeded with ``seed`` (host sync for a tensor seed)."""
-    if seed is None:
-        return None
-    s = int(seed.reshape(-1)[0].item()) if isinstance(seed, torch.Tensor) else int(seed)
-    g = torch.Generator(device=device)
-    g.manual_seed(s % 2**64)
-    return g
-
-
-def check_sample_offset(op: str, sample_offset, batch: int, per_sample: int) -> int:
-    """Validate ``sample_offset`` (a non-negative int, or a SymInt under compile) and return the
-    Philox counter offset ``sample_offset·per_sample``; the last counter must fit in int64."""
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, (int, torch.SymInt)):
-        raise TypeError(f"{op}: `sample_offset` must be an int, got {type(sample_offset).__name__}")
-    if sample_offset < 0:
-        raise ValueError(f"{op}: `sample_offset` must be >= 0, got {sample_offset}")
-    if (sample_offset + batch) * per_sample > 2**63 - 1:
-        raise ValueError(
-            f"{op}: `sample_offset`={sample_offset} puts the Philox counters past int64 "
-            f"({batch} samples of {per_sample} elements)"
-        )
-    return sample_offset * per_sample
-
-
-def check_offset_usage(op: str, sample_offset, noise_given: bool, chosen: str) -> None:
-    """``sample_offset`` only shifts the seeded Triton stream: reject it where it would be ignored."""
-    if isinstance(sample_offset, int) and sample_offset == 0:
-        return
-    if noise_given:
-        raise ValueError(f"{op}: `sample_offset` applies to seeded in-kernel noise; it cannot offset explicit `noise`")
-    if chosen == "reference":
-        raise ValueError(
-            f"{op}: `sample_offset` != 0 is only supported on the Triton path (the reference path draws "
-            "its noise from a torch.Generator stream that cannot be offset); pass explicit `noise` instead"
-        )
-
-
-def launch_normal_stream(seed: torch.Tensor, numel: int, device, dtype: torch.dtype, two: bool, e_off: int = 0):
-    """Materialise ``numel`` elements of the Philox normal stream(s) starting at counter ``e_off``."""
-    a = torch.empty(numel, device=device, dtype=dtype)
-    b = torch.empty(numel if two else 0, device=device, dtype=dtype)
-    if numel == 0:
-        return a, b
-    block = 16384 if triton_interpret() else 1024
-    normal_pair_kernel[(triton.cdiv(numel, block),)](seed, a, b if two else a, numel, int(e_off), TWO=two, BLOCK=block)
-    return a, b
+def launch_normal_stream(seed, numel: int, device, dtype, two: bool = True, e_off: int = 0, *, shape=None):
+    """Materialise the posterior stream for ``shape`` (B, N, C) (default ``(1, numel // 128, 128)``
+    when 128 divides ``numel``, else ``(1, 1, numel)``); kept for the compile-only kernel report.
+    Returns the flat ``(eps_post, eps_flow)``; ``e_off`` must be 0 (counters are keyed by sample)."""
+    if e_off:
+        raise ValueError("launch_normal_stream: counters are keyed by (sample, token pair, channel); use sample_offset")
+    if shape is None:
+        shape = (1, numel // 128, 128) if numel % 128 == 0 else (1, 1, numel)
+    seed_t, seed_int = (seed.reshape(1).to(torch.int64), 0) if isinstance(seed, torch.Tensor) else (None, int(seed))
+    a, b = launch_posterior_noise(seed_t, seed_int, shape, device, dtype, 0, PHILOX_ROUNDS)
+    return a.reshape(-1), (b.reshape(-1) if two else b.new_empty(0))
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _fwd_launch(moments, t, seed, eps1, eps2, gamma: float, sample: bool, offset: int = 0):
+def _fwd_launch(moments, t, seed, seed_int, eps1, eps2, gamma, sample, offset, return_z, rounds):
     B, N, C2 = moments.shape
     C = C2 // 2
     has_noise = eps2 is not None
-    z = torch.empty((B, N, C), device=moments.device, dtype=moments.dtype)
-    zt = torch.empty_like(z)
-    block_n, block_c, warps = _tiles(N, C)
-    g0, g1, P = _grid(B, N, C, block_n, block_c)
-    kl_part = torch.empty((B, P), device=moments.device, dtype=torch.float32)
+    zt = torch.empty((B, N, C), device=moments.device, dtype=moments.dtype)
+    z = torch.empty_like(zt) if return_z else zt.new_empty(0)
+    block_p, block_c, warps = posterior_tiles(N, C)
+    g0, g1, P = posterior_grid(B, N, C, block_p, block_c)
     if B * N * C == 0:
         return z, zt, torch.zeros(B, device=moments.device, dtype=torch.float32)
-    dummy = z
+    kl_part = torch.empty((B, P), device=moments.device, dtype=torch.float32)
+    moments = _moments_2d_safe(moments, block_p)
     posterior_flow_fwd_kernel[(g0, g1)](
         moments,
         t.contiguous(),
-        seed if seed is not None else dummy,
-        eps1.contiguous() if (has_noise and sample) else dummy,
-        eps2.contiguous() if has_noise else dummy,
-        z,
+        seed if seed is not None else zt,
+        eps1.contiguous() if (has_noise and sample) else zt,
+        eps2.contiguous() if has_noise else zt,
+        z if return_z else zt,
         zt,
         kl_part,
         N,
         C,
         P,
-        int(offset) * N * C,
+        int(seed_int),
+        int(offset),
         float(gamma),
         *moments.stride(),
         HAS_NOISE=has_noise,
         SAMPLE=sample,
+        WRITE_Z=return_z,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
         ACC=_acc(moments.dtype),
-        BLOCK_N=block_n,
+        BLOCK_P=block_p,
         BLOCK_C=block_c,
         num_warps=warps,
-        # No mul+add -> FMA contraction: z_t is then bit-identical to the eager reference given the
-        # same noise (the golden ``flow_zt``); the op is memory-bound, FMAs would not make it faster.
-        enable_fp_fusion=False,
+        # FMA contraction on (the GPU default): the interpreter never contracts, so the CPU path stays
+        # bit-identical to the eager reference given the same noise (the golden ``flow_zt``); GPU
+        # runs agree with it to rounding (SPEC §6: 1e-5).  The noise uses explicit fma and does not
+        # depend on this flag.
+        enable_fp_fusion=True,
     )
     return z, zt, kl_part.sum(1)
 
 
-def _bwd_launch(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma: float, sample: bool, offset: int = 0):
+def _bwd_launch(
+    grad_z, grad_zt, grad_kl, moments, t, seed, seed_int, eps1, eps2, gamma, sample, offset, need_dt, rounds
+):
     B, N, C2 = moments.shape
     C = C2 // 2
     has_noise = eps2 is not None
     dmoments = torch.empty((B, N, C2), device=moments.device, dtype=moments.dtype)
-    block_n, block_c, warps = _tiles(N, C)
-    g0, g1, P = _grid(B, N, C, block_n, block_c)
-    dt_part = torch.empty((B, P), device=moments.device, dtype=torch.float32)
+    dt_out = torch.zeros_like(t) if need_dt else t.new_empty(0)
     if B * N * C == 0:
-        return dmoments, torch.zeros_like(t)
+        return dmoments, dt_out
+    block_p, block_c, warps = posterior_tiles(N, C)
+    g0, g1, P = posterior_grid(B, N, C, block_p, block_c)
+    dt_part = torch.empty((B, P) if need_dt else (0,), device=moments.device, dtype=torch.float32)
+    moments = _moments_2d_safe(moments, block_p)
     dummy = dmoments
     posterior_flow_bwd_kernel[(g0, g1)](
         moments,
         t.contiguous(),
         seed if seed is not None else dummy,
         eps1.contiguous() if (has_noise and sample) else dummy,
-        eps2.contiguous() if has_noise else dummy,
-        grad_z.contiguous(),
-        grad_zt.contiguous(),
-        grad_kl.contiguous(),
+        eps2.contiguous() if (has_noise and need_dt) else dummy,
+        grad_z.contiguous() if grad_z is not None else dummy,
+        grad_zt.contiguous() if grad_zt is not None else dummy,
+        grad_kl.contiguous() if grad_kl is not None else dummy,
         dmoments,
-        dt_part,
+        dt_part if need_dt else dummy,
         N,
         C,
         P,
-        int(offset) * N * C,
+        int(seed_int),
+        int(offset),
         float(gamma),
         *moments.stride(),
         HAS_NOISE=has_noise,
         SAMPLE=sample,
+        HAS_GZ=grad_z is not None,
+        HAS_GZT=grad_zt is not None,
+        HAS_GKL=grad_kl is not None,
+        NEED_DT=need_dt,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
         ACC=_acc(moments.dtype),
-        BLOCK_N=block_n,
+        BLOCK_P=block_p,
         BLOCK_C=block_c,
         num_warps=warps,
     )
-    return dmoments, dt_part.sum(1).to(t.dtype)
+    return dmoments, (dt_part.sum(1).to(t.dtype) if need_dt else dt_out)
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -239,22 +204,42 @@ def _posterior_flow_op(
     gamma: float,
     sample_posterior: bool,
     sample_offset: int = 0,
+    seed_int: int = 0,
+    return_z: bool = True,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_launch(moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset)
+    """(z or an empty tensor when not ``return_z``, z_t, kl).  The seed is ``seed`` when given,
+    else ``seed_int`` (unused with explicit noise ``eps1``/``eps2``)."""
+    return _fwd_launch(
+        moments, t, seed, seed_int, eps1, eps2, gamma, sample_posterior, sample_offset, return_z, philox_rounds
+    )
 
 
 @_posterior_flow_op.register_fake
-def _(moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset=0):
+def _(
+    moments,
+    t,
+    seed,
+    eps1,
+    eps2,
+    gamma,
+    sample_posterior,
+    sample_offset=0,
+    seed_int=0,
+    return_z=True,
+    philox_rounds=PHILOX_ROUNDS,
+):
     B, N, C2 = moments.shape
-    z = moments.new_empty((B, N, C2 // 2))
-    return z, torch.empty_like(z), moments.new_empty((B,), dtype=torch.float32)
+    zt = moments.new_empty((B, N, C2 // 2))
+    z = torch.empty_like(zt) if return_z else moments.new_empty(0)
+    return z, zt, moments.new_empty((B,), dtype=torch.float32)
 
 
 @torch.library.custom_op("rectok_fast::posterior_flow_backward", mutates_args=())
 def _posterior_flow_backward_op(
-    grad_z: torch.Tensor,
-    grad_zt: torch.Tensor,
-    grad_kl: torch.Tensor,
+    grad_z: torch.Tensor | None,
+    grad_zt: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
     moments: torch.Tensor,
     t: torch.Tensor,
     seed: torch.Tensor | None,
@@ -263,34 +248,83 @@ def _posterior_flow_backward_op(
     gamma: float,
     sample_posterior: bool,
     sample_offset: int = 0,
+    seed_int: int = 0,
+    need_dt: bool = True,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bwd_launch(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset)
+    """(dmoments, dt); a missing gradient is not read, dt is empty when not ``need_dt``."""
+    return _bwd_launch(
+        grad_z,
+        grad_zt,
+        grad_kl,
+        moments,
+        t,
+        seed,
+        seed_int,
+        eps1,
+        eps2,
+        gamma,
+        sample_posterior,
+        sample_offset,
+        need_dt,
+        philox_rounds,
+    )
 
 
 @_posterior_flow_backward_op.register_fake
-def _(grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset=0):
-    return moments.new_empty(moments.shape), torch.empty_like(t)
+def _(
+    grad_z,
+    grad_zt,
+    grad_kl,
+    moments,
+    t,
+    seed,
+    eps1,
+    eps2,
+    gamma,
+    sample_posterior,
+    sample_offset=0,
+    seed_int=0,
+    need_dt=True,
+    philox_rounds=PHILOX_ROUNDS,
+):
+    return moments.new_empty(moments.shape), (torch.empty_like(t) if need_dt else t.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset = inputs
+    moments, t, seed, eps1, eps2, gamma, sample_posterior, sample_offset, seed_int, return_z, rounds = inputs
     ctx.save_for_backward(moments, t, seed, eps1, eps2)
     ctx.gamma, ctx.sample_posterior, ctx.sample_offset = gamma, sample_posterior, sample_offset
+    ctx.seed_int, ctx.return_z, ctx.rounds = seed_int, return_z, rounds
+    # an output nobody uses gets None, not a zero tensor (no (B, N, C) zero-fill, no read of it)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_z, grad_zt, grad_kl):
     moments, t, seed, eps1, eps2 = ctx.saved_tensors
-    B, N, C2 = moments.shape
-    if grad_z is None:
-        grad_z = moments.new_zeros((B, N, C2 // 2))
-    if grad_zt is None:
-        grad_zt = moments.new_zeros((B, N, C2 // 2))
-    if grad_kl is None:
-        grad_kl = moments.new_zeros((B,), dtype=torch.float32)
+    need_dm, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not ctx.return_z:
+        grad_z = None
+    if (grad_z is None and grad_zt is None and grad_kl is None) or not (need_dm or need_dt):
+        return None, None, None, None, None, None, None, None, None, None, None
     dmoments, dt = _posterior_flow_backward_op(
-        grad_z, grad_zt, grad_kl, moments, t, seed, eps1, eps2, ctx.gamma, ctx.sample_posterior, ctx.sample_offset
+        grad_z,
+        grad_zt,
+        grad_kl,
+        moments,
+        t,
+        seed,
+        eps1,
+        eps2,
+        ctx.gamma,
+        ctx.sample_posterior,
+        ctx.sample_offset,
+        ctx.seed_int,
+        bool(need_dt and grad_zt is not None),
+        ctx.rounds,
     )
-    return dmoments, dt, None, None, None, None, None, None
+    dt = dt if (need_dt and grad_zt is not None) else None  # z and kl do not depend on t
+    return dmoments if need_dm else None, dt, None, None, None, None, None, None, None, None, None
 
 
 _posterior_flow_op.register_autograd(_backward, setup_context=_setup_context)
@@ -329,46 +363,77 @@ def posterior_flow(
     seed: int | torch.Tensor | None = None,
     sample_posterior: bool = True,
     sample_offset: int = 0,
+    return_z: bool = True,
+    philox_rounds: int = PHILOX_ROUNDS,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Posterior sample, forward-flow interpolation and per-sample KL in one pass.
 
     Args:
         moments: (B, N, 2C) encoder output; ``mean = moments[..., :C]``, ``logvar = moments[..., C:]``
-            clamped to [-30, 20].  Any strides; fp32/bf16/fp16/fp64.
+            clamped to [-30, 20] (the clamp's gradient passes where ``-30 <= logvar <= 20``,
+            bounds included).  Any strides; fp32/bf16/fp16/fp64.
         t: (B,) flow time per sample (t = 1 is pure noise); gradients flow to it.
         gamma: noise scale of the flow (1 in stage 1, 0 disables the flow noise).
         noise: optional explicit ``(eps_post, eps_flow)``, each (B, N, C) (no gradient).
-        seed: python int or 1-element integer tensor (a tensor avoids recompiles and host syncs).
-            Exactly one of ``noise`` / ``seed`` may be given; with neither a seed is drawn from
-            torch's default generator on the device of ``moments`` (``torch.randint``, no sync).
+        seed: python int (a kernel scalar: no copy, no host sync, no recompile when it changes)
+            or 1-element integer tensor (read on the device; e.g. for CUDA-graph replays with a
+            changing seed).  Exactly one of ``noise`` / ``seed`` may be given; with neither a seed
+            is drawn from torch's default generator on the device of ``moments`` (no sync).
         sample_posterior: ``z = mean + std·eps_post`` when True, ``z = mean`` otherwise.
         sample_offset: global index of this batch's first sample (>= 0): sample ``b`` draws the
             in-kernel noise of global sample ``b + sample_offset``, so a rank's slice ``[i:j]`` of a
             global batch called with ``sample_offset=i`` reproduces the whole batch's rows ``i:j``.
             Applies to the seeded Triton stream only: nonzero with ``noise`` or on the reference
             path raises ``ValueError``.
+        return_z: when False, ``z`` is neither computed into memory nor returned (``None`` in its
+            place): the z_t-only mode.
+        philox_rounds: Philox rounds of the in-kernel stream, 10 (default) or 7 (a different,
+            cheaper stream; see :mod:`rectok_fast.kernels.philox`).
         backend: ``"auto"`` | ``"triton"`` | ``"reference"``.  The reference path draws its noise
             from a ``torch.Generator`` seeded with ``seed``, which is not the Triton stream.
 
     Returns:
-        ``z`` (B, N, C), ``z_t = (1 − t)·z + t·gamma·eps_flow`` (B, N, C), both in ``moments.dtype``,
-        and ``kl = 0.5·Σ_{N,C}(mean² + var − 1 − logvar)`` (B,) fp32.
+        ``z`` (B, N, C) (``None`` when not ``return_z``), ``z_t = (1 − t)·z + t·gamma·eps_flow``
+        (B, N, C), both in ``moments.dtype``, and ``kl = 0.5·Σ_{N,C}(mean² + var − 1 − logvar)``
+        (B,) fp32.
     """
     _validate(moments, t, noise, seed)
     B, N, C2 = moments.shape
-    check_sample_offset(_OP, sample_offset, B, N * (C2 // 2))
+    check_sample_offset(_OP, sample_offset, B)
+    rounds = check_rounds(_OP, philox_rounds)
     t = t.reshape(-1)
     chosen = resolve_triton_backend(_OP, backend, moments, t)
     check_offset_usage(_OP, sample_offset, noise is not None, chosen)
     if chosen == "reference":
         gen = reference_generator(seed, moments.device) if noise is None else None
-        return _ref_posterior_flow(moments, t, gamma, noise=noise, generator=gen, sample_posterior=sample_posterior)
+        z, zt, kl = _ref_posterior_flow(
+            moments, t, gamma, noise=noise, generator=gen, sample_posterior=sample_posterior
+        )
+        return (z if return_z else None), zt, kl
     if noise is not None:
         eps1, eps2 = noise
-        return _posterior_flow_op(moments, t, None, eps1, eps2, float(gamma), bool(sample_posterior), 0)
-    s = default_seed(moments.device) if seed is None else seed_tensor(_OP, seed, moments.device)
-    return _posterior_flow_op(moments, t, s, None, None, float(gamma), bool(sample_posterior), sample_offset)
+        out = _posterior_flow_op(moments, t, None, eps1, eps2, float(gamma), bool(sample_posterior), 0, 0, return_z)
+    else:
+        if seed is None:
+            seed_t, seed_int = default_seed(moments.device), 0
+        else:
+            seed_t, seed_int = seed_args(_OP, seed, moments.device)
+        out = _posterior_flow_op(
+            moments,
+            t,
+            seed_t,
+            None,
+            None,
+            float(gamma),
+            bool(sample_posterior),
+            sample_offset,
+            seed_int,
+            return_z,
+            rounds,
+        )
+    z, zt, kl = out
+    return (z if return_z else None), zt, kl
 
 
 def flow_noise(
@@ -378,11 +443,14 @@ def flow_noise(
     dtype: torch.dtype = torch.float32,
     *,
     sample_offset: int = 0,
+    philox_rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(eps_post, eps_flow)`` (each ``shape`` = (B, N, C)) that the Triton path of
-    :func:`posterior_flow` generates for ``seed`` and ``sample_offset``; materialised by a small
-    kernel with the same Philox formula (runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``).
-    ``flow_noise(s, (j - i, N, C), sample_offset=i)`` is rows ``i:j`` of ``flow_noise(s, (B, N, C))``."""
+    :func:`posterior_flow` generates for ``seed``, ``sample_offset`` and ``philox_rounds``;
+    materialised by a small kernel with the same noise functions (runs on CUDA, or on the CPU
+    under ``TRITON_INTERPRET=1``).  ``flow_noise(s, (j - i, N, C), sample_offset=i)`` is rows
+    ``i:j`` of ``flow_noise(s, (B, N, C))``; the noise of (sample, token, channel) does not depend
+    on N or C either."""
     if len(shape) != 3:
         raise ValueError(f"flow_noise: `shape` must be (B, N, C), got {tuple(shape)}")
     device = (
@@ -391,8 +459,7 @@ def flow_noise(
         else (seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu"))
     )
     resolve_triton_backend("flow_noise", "triton", torch.empty(0, device=device))
-    s = seed_tensor("flow_noise", seed, device)
-    e_off = check_sample_offset("flow_noise", sample_offset, int(shape[0]), int(shape[1]) * int(shape[2]))
-    numel = int(shape[0]) * int(shape[1]) * int(shape[2])
-    a, b = launch_normal_stream(s, numel, device, dtype, two=True, e_off=e_off)
-    return a.view(*shape), b.view(*shape)
+    seed_t, seed_int = seed_args("flow_noise", seed, device)
+    check_sample_offset("flow_noise", sample_offset, int(shape[0]))
+    rounds = check_rounds("flow_noise", philox_rounds)
+    return launch_posterior_noise(seed_t, seed_int, shape, device, dtype, sample_offset, rounds)

@@ -7,6 +7,22 @@ from rectok_fast._moved import moved_names
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
+def clamp_inclusive(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``x.clamp(lo, hi)`` whose gradient passes where ``lo <= x <= hi`` (bounds *included*).
+
+    The project's convention, stated with an explicit mask so it does not depend on the installed
+    torch (torch <= 2.13 passes the gradient at the bound, 2.14 gives 0 there).  NaN propagates in
+    the value and gets no gradient.
+    """
+    keep = (x >= lo) & (x <= hi)
+    return torch.where(keep, x, x.clamp(lo, hi).detach())
+
+
+def clamp_logvar(logvar: torch.Tensor) -> torch.Tensor:
+    """``logvar`` clamped to [LOGVAR_MIN, LOGVAR_MAX] = [-30, 20], gradient passing inclusively."""
+    return clamp_inclusive(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+
 def posterior_flow(
     moments: torch.Tensor,
     t: torch.Tensor,
@@ -20,7 +36,8 @@ def posterior_flow(
     """Posterior sample, flow interpolation and KL of SPEC §2, the obvious way.
 
     moments: (B, N, 2C) encoder output, ``mean = moments[..., :C]``, ``logvar = moments[..., C:]``
-    clamped to [-30, 20]; t: (B,) one time per sample (t = 1 is pure noise);
+    clamped to [-30, 20] (:func:`clamp_logvar`: the gradient passes where -30 <= logvar <= 20,
+    bounds included); t: (B,) one time per sample (t = 1 is pure noise);
     noise: ``(eps_post, eps_flow)`` each (B, N, C), drawn with ``generator`` when None.
     Returns ``z = mean + std·eps_post`` (``mean`` when ``sample_posterior`` is False),
     ``z_t = (1 - t)·z + t·gamma·eps_flow`` (both (B, N, C), dtype of ``moments``) and the per-sample
@@ -29,7 +46,7 @@ def posterior_flow(
     dtype = moments.dtype
     m = moments.float() if upcast and dtype != torch.float64 else moments
     C = m.shape[-1] // 2
-    mean, logvar = m[..., :C], m[..., C:].clamp(LOGVAR_MIN, LOGVAR_MAX)
+    mean, logvar = m[..., :C], clamp_logvar(m[..., C:])
     if noise is None:
         shape = mean.shape
         # pass ``generator`` only when given: randn(..., generator=None) rejects symbolic shapes under torch.compile
