@@ -561,3 +561,38 @@ def test_flow_matching_cosine_seeded_and_gradcheck():
 def test_constructors_validate(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+# ============================================================================= torch.compile
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_module_paths_compile_fullgraph(backend):
+    """The new layouts and conventions add no graph break (dynamo, fullgraph=True)."""
+    torch._dynamo.reset()
+    B, C, H, W = 2, 3, 2, 5
+    mom, t = torch.randn(B, 2 * C, H, W), torch.rand(B)
+    e1, e2 = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    noiser = FlowNoiser(gamma=2.0, shift=1.0, mode="additive", dim=1, backend=backend).train()
+    post = GaussianPosterior(dim=1, backend=backend)
+    cos = CosineAlignLoss("reconstruction", form="neg_cos", dim=1, backend=backend)
+    fm = FlowMatchingLoss(backend=backend, time="sit")
+    fmc = FlowMatchingLoss(time="sit", path="cosine")
+    restore = MaskTokenRestore(C, num_tokens=H * W, backend=backend)
+    tm = torch.rand(B, H * W) < 0.5
+    feats = [torch.randn(B, H * W, C), torch.randn(B, H * W, C)]
+    x = torch.randn(B, C, H, W)
+
+    def step(mom, t, x):
+        out = noiser(mom, t, noise=(e1, e2))
+        z = post.sample(mom, noise=e1)
+        a = cos([out.z_t, z], feats, tm)
+        # a seed on the reference path builds a torch.Generator, which dynamo cannot create: noise there
+        lin = fm(x, x, t, 7) if backend == "triton" else fm(x, x, t, noise=e2)
+        b = lin + fmc(x, x, t, noise=e2)
+        r = restore.replace(out.z_t.flatten(2).transpose(1, 2), tm)
+        return a + b + r.sum() + post.kl(mom).sum()
+
+    eager = step(mom, t, x)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")(mom, t, x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
