@@ -19,8 +19,9 @@ logger = logging.getLogger("rectok_fast.train")
 
 
 class _StderrHandler(logging.StreamHandler):
-    """A StreamHandler on whatever ``sys.stderr`` is at each record (not the one at creation), so a
-    redirected or replaced stderr (pytest's capture, a wrapper) never gets a closed stream."""
+    """Records to whatever ``sys.stderr`` is at each record (not the one at creation, so a redirected or
+    replaced stderr -- pytest's capture, a wrapper -- never gets a closed stream), through
+    ``tqdm.write`` so that a line printed while a progress bar is shown lands above the bar."""
 
     def __init__(self):
         super().__init__(sys.stderr)
@@ -32,6 +33,19 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                sys.stderr.write(msg + self.terminator)
+            else:
+                tqdm.write(msg, file=sys.stderr)
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
 
 def setup_logging(out_dir: str | None, is_main: bool = True) -> None:
