@@ -22,6 +22,7 @@ from rectok_fast.nn import (
     MaskTokenRestore,
     TokenGather,
 )
+from rectok_fast.nn.fused import FM_PATHS, NOISE_MODES
 from rectok_fast.ops import flow_noise
 
 BACKENDS = ["reference", "triton"]
@@ -596,3 +597,71 @@ def test_new_module_paths_compile_fullgraph(backend):
     eager = step(mom, t, x)
     compiled = torch.compile(step, fullgraph=True, backend="eager")(mom, t, x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# ============================================================================= host reads
+
+
+def test_new_module_paths_read_nothing_back_to_the_host():
+    """Fused path, forward + backward, under test_no_sync's guard (index checks trusted, as in training)."""
+    from test_no_sync import no_host_reads
+
+    from rectok_fast._validate import trusted_indices
+
+    B, N, K, C, D = 2, 12, 5, 4, 8
+    mom = torch.randn(B, N, 2 * C, requires_grad=True)
+    cf = torch.randn(B, 2 * C, 3, 4, requires_grad=True)
+    x = torch.randn(B, 3, 4, 4, requires_grad=True)
+    pred = torch.randn(B, 3, 4, 4, requires_grad=True)
+    t = torch.rand(B)
+    mask = random_masking(B, N, num_kept=K)
+    feats = torch.randn(B, N, D)
+    restore = MaskTokenRestore(D, num_tokens=N, backend="triton")
+    proj = torch.nn.Linear(C, D)
+    with no_host_reads() as seen, trusted_indices():
+        out = FlowNoiser(gamma=1.0, num_tokens=N, mode="additive", backend="triton").train()(mom, seed=3)
+        z2 = GaussianPosterior(dim=1, backend="triton").train()(cf, seed=4)
+        fm = FlowMatchingLoss(backend="triton", time="sit")
+        lf = fm(pred, x, t, 5) + FlowMatchingLoss(time="sit", path="cosine")(pred, x, t, 5)
+        h = proj(out.z_t)
+        vis = TokenGather(backend="triton")(h, mask.ids_keep)
+        full = restore(vis, mask.ids_restore) + restore.replace(h, mask.token_mask)
+        cos = CosineAlignLoss("reconstruction", form="neg_cos", backend="triton")(
+            [full, h], [feats, feats], mask.token_mask
+        )
+        loss = cos + lf + out.kl.mean() + z2.kl.mean() + z2.z.sum() + fm.xt(x, t, 5).sum()
+        loss.backward()
+    assert not seen, seen
+
+
+# ============================================================================= NaN / Inf / empty
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_inf_propagate_and_empty_batches(backend):
+    B, N, C = 2, 5, 3
+    mom = torch.randn(B, N, 2 * C)
+    mom[0, 1, 2], mom[1, 3, 0] = float("nan"), float("inf")
+    t = torch.rand(B)
+    e1, e2 = torch.randn(B, N, C), torch.randn(B, N, C)
+    for mode in NOISE_MODES:
+        out = FlowNoiser(gamma=1.0, shift=1.0, mode=mode, backend=backend).train()(mom, t, noise=(e1, e2))
+        _, zt_ref = _noise_ref(mom, t, 1.0, e1, e2, mode)
+        assert torch.equal(out.z_t.isnan(), zt_ref.isnan()) and torch.equal(out.z_t.isinf(), zt_ref.isinf())
+        assert out.z_t.isnan().any() and out.z_t.isinf().any()
+    pred, x = torch.randn(B, 4), torch.randn(B, 4)
+    pred[1, 2] = float("nan")
+    for path in FM_PATHS:
+        if backend == "triton" and path == "cosine":
+            continue
+        assert FlowMatchingLoss(backend=backend, time="sit", path=path)(pred, x, t, noise=x).isnan()
+    p, tg = torch.randn(B, N, 7), torch.randn(B, N, 7)
+    p[0, 0, 0] = float("nan")
+    assert CosineAlignLoss(form="neg_cos", backend=backend)(p, tg).isnan()
+    # empty batches keep their shapes
+    empty = FlowNoiser(gamma=1.0, shift=1.0, mode="additive", backend=backend).train()(
+        torch.randn(0, N, 2 * C), torch.rand(0), noise=(torch.randn(0, N, C), torch.randn(0, N, C))
+    )
+    assert empty.z_t.shape == (0, N, C) and empty.kl.shape == (0,)
+    zs = GaussianPosterior(dim=1, backend=backend).sample(torch.randn(0, 4, 2, 2), noise=torch.randn(0, 2, 2, 2))
+    assert zs.shape == (0, 2, 2, 2)

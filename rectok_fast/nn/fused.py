@@ -131,7 +131,9 @@ class FlowNoiser(nn.Module):
     construction as ``grid`` (g, or (h, w)) or ``num_tokens`` — not the K tokens a masked encoder
     passes in).  The noise is generated in-kernel from ``seed`` (drawn on the device unless given), so
     no (B, N, C) noise tensor is stored for backward; or pass it as ``noise``.  In eval mode the
-    posterior mean is used and no flow noise is added unless ``noise_in_eval``.  RecTok's training
+    posterior mean is used and no flow noise is added unless ``noise_in_eval``.  With
+    ``posterior=False`` the latent is concatenated with zeros (logvar 0, never sampled) into the
+    op's (B, N, 2C) input: one extra copy of z, no KL (``kl`` is None).  RecTok's training
     forward runs through this module.
 
     Example (l-DeTok: deterministic latent, interpolative noise with γ = 3, masked encoder)::
