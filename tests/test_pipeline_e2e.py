@@ -48,7 +48,7 @@ def test_stats_match_direct_computation(tokenizer_export, tmp_path):
     assert res["tokens"] == 8 * 4 and json.load(open(tmp_path / "with_stats" / "stats.json"))["tokens"] == 32
 
 
-def test_cache_train_sample_eval(tokenizer_export, tmp_path):
+def test_cache_train_sample_eval(tokenizer_export, tmp_path, monkeypatch):
     tok_dir = str(tmp_path / "tok")
     run_stats(tokenizer_export, DATA, out=tok_dir, device="cpu")
     lat = str(tmp_path / "lat")
@@ -132,12 +132,19 @@ def test_cache_train_sample_eval(tokenizer_export, tmp_path):
     assert len(os.listdir(os.path.join(out, "images"))) == 5 and os.path.exists(os.path.join(out, "grid.png"))
     # per-index noise: the same image whatever the batch / rank layout
     torch.testing.assert_close(sample_noise([3], (2, 2), 0, "cpu")[0], sample_noise([1, 3], (2, 2), 0, "cpu")[1])
+    from test_sample_stream import fake_inception
+
+    from rectok_fast.eval import evaluate
+
+    monkeypatch.setattr(evaluate, "inception_weights_path", lambda path=None: "stand-in")
+    monkeypatch.setattr(evaluate, "build_inception", lambda weights, device: fake_inception)
     res = eval_main(
         [
             "--tokenizer",
             tok_dir,
             "--num-images",
             "8",
+            "--rfid",
             "--samples",
             os.path.join(out, "samples.npz"),
             "--out",
@@ -148,9 +155,8 @@ def test_cache_train_sample_eval(tokenizer_export, tmp_path):
     )
     r = res["reconstruction"]
     assert r["num_images"] == 8 and 0 < r["ssim"] <= 1 and r["psnr"] > 0 and r["psnr_mean_color_baseline"] > 0
-    assert (
-        "generation" in res and json.load(open(tmp_path / "eval" / "metrics.json"))["reconstruction"]["num_images"] == 8
-    )
+    assert r["rfid"] > 0 and res["generation"]["num_images"] == 5 and res["generation"]["is"] >= 1
+    assert json.load(open(tmp_path / "eval" / "metrics.json"))["reconstruction"]["num_images"] == 8
 
 
 def test_load_dit_official_checkpoint_reproduces_golden_samples(tmp_path):

@@ -3,10 +3,16 @@
     rectok-fast eval --tokenizer runs/tok --data /data/imagenet/val --num-images 50000 --out eval/
     rectok-fast eval --samples samples/xl_ag/samples.npz --ref /data/imagenet_val_256_png --out eval/
 
+    rectok-fast eval --samples samples/xl_ag --ref adm_in256_stats.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
+
 Reconstruction: PSNR and SSIM always (per image on [0, 1], averaged), plus the mean-colour baseline;
-with ``--rfid`` the originals and reconstructions are written as PNG folders and compared by
-torch-fidelity / clean-fid when installed with local Inception weights.  Generation: FID, IS,
-precision / recall through the same packages, or a clear message when they are unavailable.
+with ``--rfid`` the originals and reconstructions (quantised to uint8) go through the Inception
+network batch by batch (only feature means and covariances are kept).  Generation: FID and IS of
+``--samples`` (an ADM ``.npz``, an image folder, or a ``rectok-fast sample`` output; one result per
+scale of ``sample --scale a,b,c``) against ``--ref`` (FID statistics ``mu``/``sigma`` such as
+``adm_in256_stats.npz``, or reference images).  FID/IS need torch-fidelity and its Inception weights
+as a local file (``--inception-weights``, ``$RECTOK_FAST_INCEPTION_WEIGHTS`` or torch-fidelity's
+cache); nothing is downloaded and a missing file is a one-line error before any work.
 """
 
 from __future__ import annotations
@@ -14,9 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 
-import numpy as np
 import torch
 
 from ..config import DataConfig, data_overrides
@@ -25,23 +29,52 @@ from ..errors import ArgumentError, PathError
 from ..models.loading import load_tokenizer
 from ..utils import write_json
 from ..utils.log import setup_logging
-from .metrics import generation_metrics, mean_color_psnr, psnr, ssim
+from ..utils.threads import add_threads_arg, apply_threads
+from .metrics import (
+    INCEPTION_ENV,
+    FeatureStats,
+    build_inception,
+    frechet_distance,
+    generation_metrics,
+    inception_weights_path,
+    load_fid_stats,
+    mean_color_psnr,
+    psnr,
+    source_features,
+    ssim,
+)
 
 logger = logging.getLogger("rectok_fast.eval")
 
 
 @torch.no_grad()
 def reconstruction_metrics(
-    tokenizer, images_iter, device, max_images: int | None = None, keep: int = 0
+    tokenizer,
+    images_iter,
+    device,
+    max_images: int | None = None,
+    keep: int = 0,
+    on_batch=None,
+    progress: bool = False,
+    total: int | None = None,
 ) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
     """PSNR / SSIM / mean-colour-baseline PSNR over ``images_iter`` ((B, 3, H, W) in [-1, 1] batches).
-    Returns the metrics and the first ``keep`` originals and reconstructions ([0, 1])."""
+    Returns the metrics and the first ``keep`` originals and reconstructions ([0, 1]).  ``on_batch(x, r)``
+    sees every batch of originals and reconstructions ([0, 1]) as it is computed (how ``--rfid`` streams:
+    only per-image scalars are kept here)."""
+    from ..utils.log import progress_bar
+
     p, s, base = [], [], []
     n = 0
     kept_x, kept_r = [], []
+    if max_images is not None and total is not None:
+        total = min(total, max_images)
+    bar = progress_bar(total, "eval (reconstruction)", enabled=progress)
     for x in images_iter:
         if max_images is not None and n >= max_images:
             break
+        if max_images is not None and n + x.shape[0] > max_images:
+            x = x[: max_images - n]
         x = x.to(device)
         r = tokenizer.reconstruct(x).float()
         x01 = (x.float() * 0.5 + 0.5).clamp(0, 1)
@@ -51,7 +84,11 @@ def reconstruction_metrics(
         if sum(len(k) for k in kept_x) < keep:
             kept_x.append(x01.cpu())
             kept_r.append(r.cpu())
+        if on_batch is not None:
+            on_batch(x01, r)
         n += x.shape[0]
+        bar.update(x.shape[0])
+    bar.close()
     p, s, base = torch.cat(p), torch.cat(s), torch.cat(base)
     m = {
         "psnr": float(p.mean()),
@@ -64,20 +101,24 @@ def reconstruction_metrics(
     return m, kx, kr
 
 
-def _write_pngs(images: torch.Tensor, d: str, start: int) -> None:
-    from PIL import Image
-
-    from ..utils.images import to_uint8_hwc
-
-    os.makedirs(d, exist_ok=True)
-    for i, a in enumerate(to_uint8_hwc(images)):
-        Image.fromarray(a).save(os.path.join(d, f"{start + i:06d}.png"))
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] (B, 3, H, W) -> uint8 (B, 3, H, W), the quantisation a PNG round trip applies."""
+    return x.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 
-def npz_to_dir(npz: str, d: str) -> str:
-    arr = np.load(npz)["arr_0"]
-    _write_pngs(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, d, 0)
-    return d
+def sample_outputs(samples: str) -> dict[str, str]:
+    """``--samples`` -> {label: source}: one entry, or one per scale of a ``sample --scale a,b,c`` output."""
+    import json
+
+    cfg = os.path.join(samples, "sample_config.json")
+    if os.path.isdir(samples) and os.path.isfile(cfg):
+        with open(cfg) as f:
+            scales = json.load(f).get("scales") or []
+        if len(scales) > 1:
+            from .sample import scale_dir
+
+            return {f"scale-{s:g}": scale_dir(samples, s, scales) for s in scales}
+    return {"samples": samples}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--samples", default=None, help="generated images: a PNG folder or an ADM .npz")
     p.add_argument(
-        "--ref", default=None, help="reference images for FID: a PNG folder, an .npz, or a torch-fidelity stats file"
+        "--ref",
+        default=None,
+        help="the FID reference: FID statistics (.npz with mu/sigma, e.g. adm_in256_stats.npz), an ADM image "
+        ".npz (arr_0), a sample output or an image folder",
     )
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help=f"local file of the FID Inception network (default: ${INCEPTION_ENV}, else torch-fidelity's cache); "
+        "nothing is downloaded",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_arg(p)
     p.add_argument("--out", default=None, help="write metrics.json here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
@@ -103,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging(None)
+    apply_threads(args.threads)
     if args.tokenizer is None and args.samples is None:
         raise ArgumentError("give --tokenizer (reconstruction) and/or --samples (generation)")
     for opt, v in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
@@ -116,6 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
+    progress = not args.no_progress
+    features = None
+    if args.rfid or args.samples:  # before any work: a missing package or weights file is said at once
+        features = build_inception(inception_weights_path(args.inception_weights), dev)
     res: dict = {}
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer).to(dev).eval()
@@ -127,24 +184,38 @@ def main(argv: list[str] | None = None) -> dict:
             data.embedded_scale = embedded_scale_for(args.tokenizer, data.image_size, default=data.embedded_scale)
         ds = build_image_dataset(data, "heldout" if data.source == "embedded" else "train")
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False)
-        keep = args.num_images or len(ds) if args.rfid else 0
-        m, kx, kr = reconstruction_metrics(tok, (b[0] for b in loader), dev, args.num_images, keep=keep)
-        res["reconstruction"] = m
+        st_x, st_r = FeatureStats(), FeatureStats()
+
+        def rfid_batch(x01, r):  # originals and reconstructions through Inception, batch by batch
+            st_x.add(features(_u8(x01))[0])
+            st_r.add(features(_u8(r))[0])
+
+        m, _, _ = reconstruction_metrics(
+            tok,
+            (b[0] for b in loader),
+            dev,
+            args.num_images,
+            on_batch=rfid_batch if args.rfid else None,
+            progress=progress,
+            total=len(ds),
+        )
         if args.rfid:
-            with tempfile.TemporaryDirectory() as tmp:
-                _write_pngs(kx, os.path.join(tmp, "ref"), 0)
-                _write_pngs(kr, os.path.join(tmp, "rec"), 0)
-                g = generation_metrics(os.path.join(tmp, "rec"), os.path.join(tmp, "ref"), isc=False, prc=False)
-            res["reconstruction"]["rfid"] = g.get("fid")
-            if "error" in g:
-                res["reconstruction"]["rfid_error"] = g["error"]
+            m["rfid"] = frechet_distance(*st_r.mu_sigma(), *st_x.mu_sigma())
+        res["reconstruction"] = m
     if args.samples:
-        with tempfile.TemporaryDirectory() as tmp:
-            gen = npz_to_dir(args.samples, os.path.join(tmp, "gen")) if args.samples.endswith(".npz") else args.samples
-            ref = args.ref
-            if ref is not None and ref.endswith(".npz"):
-                ref = npz_to_dir(ref, os.path.join(tmp, "ref"))
-            res["generation"] = generation_metrics(gen, ref)
+        ref_stats = None
+        if args.ref is not None:
+            ref_stats = load_fid_stats(args.ref)
+            if ref_stats is None:  # reference images: their statistics once, for every scale
+                ref_stats = source_features(
+                    args.ref, features, args.batch_size, progress, desc="inception (reference)"
+                )[0].mu_sigma()
+        gen = {}
+        for label, src in sample_outputs(args.samples).items():
+            gen[label] = generation_metrics(
+                src, ref_stats=ref_stats, features=features, batch_size=args.batch_size, progress=progress
+            )
+        res["generation"] = gen["samples"] if list(gen) == ["samples"] else gen
     for k, v in res.items():
         logger.info("%s: %s", k, v)
     if args.out:

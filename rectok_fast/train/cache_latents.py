@@ -21,7 +21,8 @@ from ..data.datasets import build_image_dataset, embedded_scale_for
 from ..data.latents import ShardWriter, write_latent_cache
 from ..models.loading import load_tokenizer
 from ..utils.distributed import barrier, cleanup, init_distributed
-from ..utils.log import setup_logging
+from ..utils.log import progress_bar, setup_logging
+from ..utils.threads import add_threads_arg, apply_threads
 from .cli_common import data_overrides
 
 logger = logging.getLogger("rectok_fast.train")
@@ -43,6 +44,7 @@ def cache_latents(
     device: str = "auto",
     num_workers: int = 0,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     info = init_distributed(device)
     tok = load_tokenizer(tokenizer_path).to(info.device).eval()
@@ -63,6 +65,7 @@ def cache_latents(
     )
     writer = ShardWriter(out, shard_size, info.rank)
     use_amp = info.device.type == "cuda"
+    bar = progress_bar(len(idx), "cache-latents", enabled=progress and info.is_main)
     for images, labels in loader:
         images = images.to(info.device, non_blocking=True)
         views = [images, images.flip(-1)] if flip else [images]
@@ -70,6 +73,8 @@ def cache_latents(
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 moments = tok.encode(v)
             writer.add(moments.float().to(DTYPES[dtype]), labels)
+        bar.update(images.shape[0])
+    bar.close()
     writer.flush()
     shards = writer.shards
     if dist.is_available() and dist.is_initialized():
@@ -115,12 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-count", type=int, default=None, help="virtual length of the embedded dataset")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_threads_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging(None)
+    apply_threads(args.threads)
     d = data_overrides(args.data).get("data", {})
     if args.image_count:
         d["embedded_len"] = args.image_count
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_images=args.max_images,
             device=args.device,
             num_workers=args.num_workers,
+            progress=not args.no_progress,
         )
     finally:
         cleanup()

@@ -21,7 +21,8 @@ from ..data.datasets import build_image_dataset, embedded_scale_for
 from ..models.loading import load_tokenizer
 from ..utils import write_json
 from ..utils.distributed import cleanup, init_distributed
-from ..utils.log import setup_logging
+from ..utils.log import progress_bar, setup_logging
+from ..utils.threads import add_threads_arg, apply_threads
 from .cli_common import data_overrides
 
 logger = logging.getLogger("rectok_fast.train")
@@ -29,15 +30,20 @@ logger = logging.getLogger("rectok_fast.train")
 
 @torch.no_grad()
 def compute_latent_stats(
-    tokenizer, loader, device: torch.device, max_images: int | None = None, amp: bool = True
+    tokenizer, loader, device: torch.device, max_images: int | None = None, amp: bool = True, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean and std (C,) of the posterior means of every token of every image; returns (mean, std, count)."""
+    """Mean and std (C,) of the posterior means of every token of every image; returns (mean, std, count).
+    ``progress``: a bar over the images (with ETA)."""
     C = tokenizer.token_channels
     s = torch.zeros(C, dtype=torch.float64, device=device)
     ss = torch.zeros(C, dtype=torch.float64, device=device)
     n = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     use_amp = amp and device.type == "cuda"
+    total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    if max_images is not None and total is not None:
+        total = min(total, max_images)
+    bar = progress_bar(total, "stats", enabled=progress)
     for images, _ in loader:
         if max_images is not None and seen >= max_images:
             break
@@ -49,6 +55,8 @@ def compute_latent_stats(
         ss += mean.pow(2).sum(0)
         n += mean.shape[0]
         seen += images.shape[0]
+        bar.update(images.shape[0])
+    bar.close()
     if dist.is_available() and dist.is_initialized():
         for t in (s, ss, n):
             dist.all_reduce(t)
@@ -74,6 +82,7 @@ def run_stats(
     max_images: int | None = None,
     device: str = "auto",
     num_workers: int = 0,
+    progress: bool = True,
 ) -> dict:
     info = init_distributed(device)
     tok = load_tokenizer(tokenizer_path).to(info.device).eval()
@@ -84,7 +93,7 @@ def run_stats(
         data = DataConfig(**{**data.__dict__, "embedded_scale": scale})
     per_rank = None if max_images is None else -(-max_images // info.world_size)
     loader = stats_loader(data, batch_size, info.rank, info.world_size, num_workers)
-    mu, sd, count = compute_latent_stats(tok, loader, info.device, per_rank)
+    mu, sd, count = compute_latent_stats(tok, loader, info.device, per_rank, progress=progress and info.is_main)
     tok.set_latent_stats(mu, sd)
     res = {"latent_mean": mu.tolist(), "latent_std": sd.tolist(), "tokens": count}
     if info.is_main:
@@ -119,12 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_threads_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging(None)
+    apply_threads(args.threads)
     data = DataConfig(**data_overrides(args.data).get("data", {}))
     try:
         return run_stats(
@@ -135,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_images=args.max_images,
             device=args.device,
             num_workers=args.num_workers,
+            progress=not args.no_progress,
         )
     finally:
         cleanup()

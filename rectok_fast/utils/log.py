@@ -150,9 +150,7 @@ class MetricLogger:
             self.wandb.finish()
 
 
-def progress_bar(
-    total: int | None, desc: str, unit: str = "img", *, enabled: bool = True, initial: int = 0, **kw: Any
-):
+def progress_bar(total: int | None, desc: str, unit: str = "img", *, enabled: bool = True, initial: int = 0, **kw: Any):
     """A tqdm bar on stderr with rate and ETA (``disable`` when not ``enabled``, e.g. on ranks > 0).
 
     On a terminal it redraws freely; in a log file (CI, cluster jobs) it prints one line per 30 s."""
