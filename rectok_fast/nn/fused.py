@@ -540,10 +540,11 @@ class FlowMatchingLoss(nn.Module):
     sit / cosine         ``cos(πt/2)·x + sin(πt/2)·ε``   ``(π/2)·(cos(πt/2)·ε − sin(πt/2)·x)``  (REPA)
     ===================  ==============================  ===========================================
 
-    ``time="sit"`` on the linear path maps onto the fused op exactly: ``x_t = op_xt(x, 1 − t)`` and
-    ``loss = op_loss(−pred, x)`` (``(pred − (ε − x))² = (−pred − (x − ε))²``; one negated copy of
-    ``pred``).  ``path="cosine"`` has no fused kernel: it runs the PyTorch formula above (recorded as
-    the ``"reference"`` path of ``flow_matching_xt`` / ``flow_matching_loss`` in
+    ``time="sit"`` on the linear path maps onto the fused op: ``x_t = op_xt(x, 1 − t)`` (the op's
+    noise coefficient is then ``1 − (1 − t)``, which equals t up to one rounding, ≤ 2⁻²⁴ in fp32) and
+    ``loss = op_loss(−pred, x)`` (``(pred − (ε − x))² = (−pred − (x − ε))²`` holds bit for bit in
+    floating point; one negated copy of ``pred``).  ``path="cosine"`` has no fused kernel: it runs the
+    PyTorch formula above (recorded as the ``"reference"`` path of ``flow_matching_xt`` / ``flow_matching_loss`` in
     :func:`rectok_fast.last_backend`) under ``backend="auto"``/``"reference"`` and raises under
     ``"triton"``; its seeded noise is ``torch.randn`` from a ``torch.Generator`` seeded with ``seed``.
 
