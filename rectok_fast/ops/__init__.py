@@ -17,10 +17,11 @@ from .distmat import distmat_align_loss
 from .flow_matching import flow_matching_loss, flow_matching_noise, flow_matching_xt
 from .kl import gaussian_kl, kl_align_loss
 from .patchify import patchify, unpatchify
-from .posterior_flow import flow_noise, posterior_flow
+from .posterior_flow import NOISE_STREAM_VERSION, flow_noise, noise_stream_info, posterior_flow
 from .tokens import gather_tokens, restore_tokens
 
 __all__ = [
+    "NOISE_STREAM_VERSION",
     "cosine_align_loss",
     "distmat_align_loss",
     "flow_matching_loss",
@@ -30,6 +31,7 @@ __all__ = [
     "gather_tokens",
     "gaussian_kl",
     "kl_align_loss",
+    "noise_stream_info",
     "patchify",
     "posterior_flow",
     "restore_tokens",
