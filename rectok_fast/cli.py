@@ -103,6 +103,19 @@ def user_error_message(e: BaseException) -> str | None:
     return " ".join(msg.split()) or type(e).__name__
 
 
+def _end_progress_bars() -> None:
+    """Close the tqdm bars an exception left open, so that the final message starts its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def _call(cmd: str, module, rest: list[str], debug: bool = False) -> int:
     """``module.main(rest)``.  A user error ends with one stderr line ``rectok-fast CMD: error: ...`` and
     exit 2 (``--debug``: its traceback first); training stopped by SIGTERM / SIGINT: one line saying
@@ -115,12 +128,14 @@ def _call(cmd: str, module, rest: list[str], debug: bool = False) -> int:
     try:
         module.main(rest)
     except TrainingInterrupted as e:
+        _end_progress_bars()
         if debug:
             traceback.print_exc()
         if os.environ.get("RANK", "0") == "0":
             print(f"rectok-fast {cmd}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        _end_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"rectok-fast {cmd}: interrupted (SIGINT)", file=sys.stderr)
@@ -129,12 +144,19 @@ def _call(cmd: str, module, rest: list[str], debug: bool = False) -> int:
         msg = user_error_message(e)
         if msg is None:
             raise
+        _end_progress_bars()
         if debug:
             traceback.print_exc()
         sys.stderr.flush()
         print(f"rectok-fast {cmd}: error: {msg}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_as_main(cmd: str) -> None:
+    """``python -m <module>`` (e.g. under torchrun) behaves as ``rectok-fast CMD``: the same one-line
+    user errors, ``--debug``, ``--trust-remote-code`` and the 143 / 130 exits of an interrupted run."""
+    sys.exit(main([cmd, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,45 @@ def test_corrupt_image_names_the_file(models, tmp_path, capsys):
     _fails(capsys, ["stats", "--tokenizer", models["tok"], "--data", str(tmp_path / "imgs")], "bad.png", "skip_corrupt")
 
 
+def test_skip_corrupt_logs_counts_and_fails_above_the_threshold(tmp_path):
+    import logging
+
+    from PIL import Image
+
+    from rectok_fast.config import DataConfig
+    from rectok_fast.data.datasets import build_image_dataset
+    from rectok_fast.errors import DataError
+
+    root = tmp_path / "imgs" / "c0"
+    root.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 10, 10)).save(root / f"{i}.png")
+    for i in (1, 4):
+        data = (root / f"{i}.png").read_bytes()
+        (root / f"{i}.png").write_bytes(data[: len(data) // 2])
+    cfg = DataConfig(source="folder", path=str(tmp_path / "imgs"), image_size=32, hflip=False)
+    with pytest.raises(DataError, match="1.png"):
+        build_image_dataset(cfg)[1]
+    skip = DataConfig(**{**cfg.__dict__, "skip_corrupt": True, "max_corrupt_frac": 0.34})  # 2 of 6 allowed
+    ds = build_image_dataset(skip)
+    seen: list[str] = []
+    h = logging.Handler(logging.WARNING)
+    h.emit = lambda r: seen.append(r.getMessage())
+    lg = logging.getLogger("rectok_fast.data")
+    lg.addHandler(h)
+    try:
+        xs = [ds[i][0] for i in range(6)]
+    finally:
+        lg.removeHandler(h)
+    assert torch.equal(xs[1], xs[2]) and torch.equal(xs[4], xs[5])  # replaced by the next readable image
+    assert ds.corrupt == {str(root / "1.png"), str(root / "4.png")}
+    assert len(seen) == 2 and "1.png" in seen[0] and "(1 of at most 2)" in seen[0] and "4.png" in seen[1]
+    ds = build_image_dataset(DataConfig(**{**skip.__dict__, "max_corrupt_frac": 0.2}))  # 1 of 6 allowed
+    ds[1]
+    with pytest.raises(DataError, match="2 corrupt images.*4.png"):
+        ds[4]
+
+
 def test_rerun_into_a_run_dir_is_refused(models, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -254,6 +293,18 @@ def test_bugs_still_raise(monkeypatch):
     monkeypatch.setattr(stats, "main", boom)
     with pytest.raises(ZeroDivisionError):
         cli.main(["stats"])
+
+
+def test_module_entry_points_handle_errors_like_the_cli(monkeypatch, capsys, tmp_path):
+    """``python -m rectok_fast.train.dit ...`` (the torchrun form) ends like ``rectok-fast train-dit``."""
+    monkeypatch.setattr(sys, "argv", ["dit.py", "--out", str(tmp_path / "o"), "optim.blr=fast"])
+    with pytest.raises(SystemExit) as e:
+        cli.run_as_main("train-dit")
+    assert e.value.code == 2
+    _one_error_line(capsys, "train-dit", "optim.blr")
+    import rectok_fast.train.dit as mod
+
+    assert 'run_as_main("train-dit")' in open(mod.__file__).read()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -151,7 +151,7 @@ class ImageFolderDataset(_AugmentedDataset):
                     raise
                 self.corrupt.add(path)
                 limit = max(1, int(self.max_corrupt_frac * n))
-                logger.warning("skipping corrupt image %d/%d allowed: %s", len(self.corrupt), limit, e)
+                logger.warning("skipping corrupt image (%d of at most %d): %s", len(self.corrupt), limit, e)
                 if len(self.corrupt) > limit:
                     raise DataError(
                         f"{len(self.corrupt)} corrupt images (more than data.max_corrupt_frac={self.max_corrupt_frac} "

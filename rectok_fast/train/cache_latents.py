@@ -150,5 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         cleanup()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the rectok-fast CLI's error handling (one-line user errors, 143/130 on signals)
+    from rectok_fast.cli import run_as_main
+
+    run_as_main("cache-latents")

@@ -59,7 +59,9 @@ class TokenizerTrainer(Trainer):
             src = load_tokenizer(mc.init)
             missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
             if unexpected or [k for k in missing if not k.startswith("sem_decoders.")]:
-                raise CheckpointError(f"model.init {mc.init}: mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+                raise CheckpointError(
+                    f"model.init {mc.init}: mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
+                )
             logger.info("initialised from %s", mc.init)
         if cfg.stage == 2:
             model.freeze_all_but_decoder()
@@ -188,5 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the rectok-fast CLI's error handling (one-line user errors, 143/130 on signals)
+    from rectok_fast.cli import run_as_main
+
+    run_as_main("train-tokenizer")
