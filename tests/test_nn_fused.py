@@ -149,6 +149,8 @@ def test_flow_noiser_deterministic_latent_and_channels_first(backend):
     torch.testing.assert_close(z.grad, (1 - t.view(-1, 1, 1)).expand(B, N, C))
     with pytest.raises(TypeError, match="noise"):
         FlowNoiser(gamma=1.0, shift=1.0).train()(torch.randn(B, N, 2 * C), t, noise=eps)
+    ev = noiser.eval()(z)
+    assert ev.z is z and ev.z_t is z and ev.kl is None  # eval: the latent as it is, no kernel
 
     H, W = 3, 5
     mom = torch.randn(B, 2 * C, H, W)

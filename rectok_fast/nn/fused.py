@@ -252,11 +252,13 @@ class FlowNoiser(nn.Module):
             return tokens_last(e, self.dim, own, name)[0]
 
         noise = self._noise(noise, as_tokens)
+        noisy = (self.training or self.noise_in_eval) and self.gamma > 0
         if not self.posterior:  # a deterministic latent: mean = z, logvar = 0, never sampled
+            if not noisy:
+                return FlowNoiserOutput(moments, moments, t, None)
             x = torch.cat([x, torch.zeros_like(x)], -1)
         B = x.shape[0]
         C = x.shape[-1] // 2
-        noisy = (self.training or self.noise_in_eval) and self.gamma > 0
         sample = self.sample_posterior and self.training and self.posterior
         if not noisy:
             zeros = torch.zeros(B, device=x.device)
