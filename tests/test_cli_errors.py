@@ -281,6 +281,37 @@ def test_embedded_scale_follows_the_tokenizer_run(tmp_path):
     assert default_embedded_scale(256) == 0.5 and embedded_scale_for(None, 128, default=0.3) == 0.3
 
 
+def test_stats_and_eval_crop_like_the_tokenizer_run(models, tmp_path, monkeypatch):
+    """``--data embedded`` in ``stats`` / ``eval`` / ``cache-latents`` uses the run's ``data.embedded_scale``."""
+    import shutil
+
+    from rectok_fast.config import save_config
+    from rectok_fast.eval import evaluate
+    from rectok_fast.train import cache_latents, stats
+
+    run = tmp_path / "run"
+    shutil.copytree(models["tok"], run / "export")
+    save_config(tiny_tokenizer_cfg(str(run)), str(run / "config.yaml"))  # 32 px, embedded_scale 0.25
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def capture(data_cfg, *a, **k):
+        seen.append((data_cfg.image_size, data_cfg.embedded_scale))
+        raise Seen
+
+    for mod in (evaluate, stats, cache_latents):
+        monkeypatch.setattr(mod, "build_image_dataset", capture)
+    export = str(run / "export")
+    for argv in (["--tokenizer", export], ["--tokenizer", export, "--device", "cpu"]):
+        with pytest.raises(Seen):
+            (evaluate.main if len(argv) == 2 else stats.main)(argv)
+    with pytest.raises(Seen):
+        cache_latents.main(["--tokenizer", export, "--out", str(tmp_path / "lat"), "--device", "cpu"])
+    assert seen == [(32, 0.25)] * 3
+
+
 # ----------------------------------------------------------------------------- --debug, bugs, real process
 
 
