@@ -190,3 +190,11 @@ def test_demo_smoke(tmp_path):
     assert saved["tokenizer_steps"] == 5 and saved["dit_steps"] == 3 and m["psnr"] == saved["psnr"]
     w, h = Image.open(tmp_path / "samples.png").size
     assert w > h > 0
+    # the images come from the stage-2 model, and tokenizer_final describes it
+    assert saved["tokenizer_final_stage"] == 2 and saved["tokenizer_final"] != saved["tokenizer_stage1_final"]
+    # captions: a left margin for the row captions and a top margin for the class names (96-px cells)
+    from rectok_fast.data.datasets import EMBEDDED_NAMES
+
+    n = len(EMBEDDED_NAMES)
+    rw, rh = Image.open(tmp_path / "reconstructions.png").size
+    assert rw > n * 98 + 2 + 40 and rh > 2 * 98 + 2 + 8

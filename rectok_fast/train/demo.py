@@ -7,8 +7,8 @@
 3. trains a tiny DiT^DH (``configs/dit/tiny.yaml``) on them, one class per source image;
 4. samples every class and reconstructs held-out crops (rows of pixels never seen in training).
 
-Writes ``DIR/reconstructions.png`` (top: held-out originals, bottom: reconstructions),
-``DIR/samples.png`` (one column per class), ``DIR/metrics.json`` (``psnr``, ``ssim``,
+Writes ``DIR/reconstructions.png`` (rows captioned: held-out originals, reconstructions; columns by
+source image), ``DIR/samples.png`` (one captioned column per class), ``DIR/metrics.json`` (``psnr``, ``ssim``,
 ``psnr_mean_color_baseline``, ``tokenizer_steps``, ``dit_steps``, ``seconds``, ...), and the run
 directories ``DIR/tokenizer``, ``DIR/latents``, ``DIR/dit``.  A few minutes on a 2-core CPU;
 ``--device cuda`` trains larger models for longer in about the same time.
@@ -28,6 +28,7 @@ from ..models.loading import load_dit, load_tokenizer
 from ..utils import write_json
 from ..utils.images import save_grid
 from ..utils.log import setup_logging
+from ..utils.threads import THREADS_HELP, pick_threads  # noqa: F401  (pick_threads: re-exported)
 
 logger = logging.getLogger("rectok_fast.demo")
 
@@ -49,25 +50,6 @@ PRESETS = {
         },
     ),
 }
-
-
-def _display(images: torch.Tensor, min_side: int = 96) -> torch.Tensor:
-    """Nearest-neighbour upscaling of small images for the PNG grids (pixels stay visible as blocks)."""
-    f = max(1, -(-min_side // images.shape[-1]))
-    return torch.nn.functional.interpolate(images, scale_factor=f, mode="nearest") if f > 1 else images
-
-
-def pick_threads(requested: int | None) -> int:
-    """``requested``, else all cores unless the machine is already busy (then 1: oversubscribed
-    OpenMP threads are far slower than one thread on a loaded machine)."""
-    if requested:
-        return requested
-    n = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return 1 if load >= n - 0.5 else n
 
 
 def run_demo(
@@ -142,9 +124,16 @@ def run_demo(
         embedded_len=1024,
         embedded_scale=tok_cfg.data.embedded_scale,
     )
-    run_stats(export, data, device=dev, max_images=512)
+    run_stats(export, data, device=dev, max_images=512, progress=progress)
     lat_dir = os.path.join(out, "latents")
-    cache_latents(export, DataConfig(**{**data.__dict__, "embedded_len": 4096}), lat_dir, device=dev, seed=seed)
+    cache_latents(
+        export,
+        DataConfig(**{**data.__dict__, "embedded_len": 4096}),
+        lat_dir,
+        device=dev,
+        seed=seed,
+        progress=progress,
+    )
 
     # 3. DiT
     dit_dir = os.path.join(out, "dit")
@@ -172,7 +161,8 @@ def run_demo(
     idx = list(range(n_cls * per_class))
     y = torch.tensor([i % n_cls for i in idx])
     samples = generate(dit, tok, idx, y, steps=sample_steps, guidance="cfg", scale=2.0, seed=seed)
-    save_grid(_display(samples), os.path.join(out, "samples.png"), nrow=n_cls)
+    names = list(EMBEDDED_NAMES)
+    save_grid(samples, os.path.join(out, "samples.png"), nrow=n_cls, min_side=96, col_labels=names)
 
     from ..data.datasets import EmbeddedImages
 
@@ -181,8 +171,16 @@ def run_demo(
     )
     loader = torch.utils.data.DataLoader(held, batch_size=32, shuffle=False)
     rec, kx, kr = reconstruction_metrics(tok, (b[0] for b in loader), tdev, keep=n_cls)
-    save_grid(_display(torch.cat([kx, kr])), os.path.join(out, "reconstructions.png"), nrow=n_cls)
+    save_grid(
+        torch.cat([kx, kr]),
+        os.path.join(out, "reconstructions.png"),
+        nrow=n_cls,
+        min_side=96,
+        row_labels=["held-out originals", "reconstructions"],
+        col_labels=[names[held[i][1]] for i in range(len(kx))],
+    )
 
+    final_tok = s2_metrics if s2_steps > 0 else tok_metrics
     metrics = {
         **{k: rec[k] for k in ("psnr", "ssim", "psnr_mean_color_baseline")},
         "heldout_images": rec["num_images"],
@@ -190,7 +188,10 @@ def run_demo(
         "tokenizer_stage1_steps": tok_metrics["step"],
         "tokenizer_stage2_steps": s2_metrics["step"],
         "dit_steps": dit_metrics["step"],
-        "tokenizer_final": {k: v for k, v in tok_metrics.items() if isinstance(v, float)},
+        # the last logged losses of the model the images come from (stage 2 when it ran)
+        "tokenizer_final": {k: v for k, v in final_tok.items() if isinstance(v, float)},
+        "tokenizer_final_stage": 2 if s2_steps > 0 else 1,
+        "tokenizer_stage1_final": {k: v for k, v in tok_metrics.items() if isinstance(v, float)},
         "dit_final_loss": dit_metrics.get("loss"),
         "device": dev,
         "threads": torch.get_num_threads() if dev == "cpu" else None,
@@ -226,9 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-steps", type=int, default=None, help="default: 1500 on CPU, 4000 on GPU")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: all cores, 1 when the machine is busy)"
-    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -248,7 +247,5 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
 
-if __name__ == "__main__":  # the rectok-fast CLI's error handling (one-line user errors, 143/130 on signals)
-    from rectok_fast.cli import run_as_main
-
-    run_as_main("demo")
+if __name__ == "__main__":
+    main()
