@@ -169,6 +169,18 @@ def _walk_chains(v, GO_B, k, NEXT_B, cols, dmask, stride_k, stride_d):
 
 
 @triton.jit
+def _next_flagged(FLAGS, b0, b1, prev, MASK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The smallest batch row in (prev, b1) with ``FLAGS[row] & MASK``, else b1 (rows >= b0)."""
+    best = b1
+    for c0 in range(b0, b1, BLOCK_B):
+        idx = c0 + tl.arange(0, BLOCK_B)
+        fl = tl.load(FLAGS + idx, mask=idx < b1, other=0)
+        cand = (idx > prev) & ((fl & MASK) != 0)
+        best = tl.minimum(best, tl.min(tl.where(cand, idx, b1), axis=0))
+    return best
+
+
+@triton.jit
 def gather_tokens_bwd_kernel(
     GO,  # grad_out: (B, K, D), strides (stride_gb, stride_gk, stride_gd)
     FIRST,  # (B, R) int32: first source k of each destination row, -1 if none (token_links_kernel)
@@ -190,6 +202,7 @@ def gather_tokens_bwd_kernel(
     RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # chunk of FLAGS scanned for rows with duplicates
 ):
     """``grad[b, r] = sum of grad_out[b, k] over ids[b, k] == r``, walking the links (an inverse-
     permutation gather when the ids are distinct); no sort, no atomics, no zero-fill."""
@@ -224,16 +237,44 @@ def gather_tokens_bwd_kernel(
             mask=(k_n >= 0)[:, None] & dmask[None, :],
             other=0.0,
         )
-        if (tl.load(FLAGS + bb) & 1) != 0:  # duplicated ids: add the later duplicates
-            ks = tl.where(k >= 0, k, 0)
-            nk = tl.load(NEXT + bb * K + ks, mask=k >= 0, other=-1)
-            v = _walk_chains(v, GO + bb * stride_gb, nk, NEXT + bb * K, cols, dmask, stride_gk, stride_gd)
         if PER_BATCH:
             tl.store(
                 DST + (bb * R + rows)[:, None] * D + cols[None, :], _cast(v, DST.dtype.element_ty, RTNE_BF16), mask=m
             )
         if SUM_BATCH:
             acc += v
+    # batch rows with duplicated ids (none for distinct ids): add the later sources along the chains
+    # (the main loop took only the first); the walk iterates once per such row
+    bb = _next_flagged(FLAGS, b0, b1, b0 - 1, 1, BLOCK_B)
+    while bb < b1:
+        k = tl.load(FIRST + bb * R + rows, mask=rmask, other=-1)
+        live = k >= 0
+        ks = tl.where(live, k, 0).to(tl.int64)
+        nk = tl.load(NEXT + bb * K + ks, mask=live, other=-1)
+        extra = _walk_chains(
+            tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype),
+            GO + bb * stride_gb,
+            nk,
+            NEXT + bb * K,
+            cols,
+            dmask,
+            stride_gk,
+            stride_gd,
+        )
+        if PER_BATCH:
+            v = tl.load(
+                GO + bb * stride_gb + ks[:, None] * stride_gk + cols[None, :] * stride_gd,
+                mask=live[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(acc_dtype)
+            tl.store(
+                DST + (bb * R + rows)[:, None] * D + cols[None, :],
+                _cast(v + extra, DST.dtype.element_ty, RTNE_BF16),
+                mask=m,
+            )
+        if SUM_BATCH:
+            acc += extra
+        bb = _next_flagged(FLAGS, b0, b1, bb, 1, BLOCK_B)
     if SUM_BATCH:
         tl.store(PART + (g.to(tl.int64) * R + rows)[:, None] * D + cols[None, :], acc, mask=m)
 
@@ -314,6 +355,7 @@ def restore_tokens_bwd_kernel(
     RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # chunk of FLAGS scanned for rows that are no permutation
 ):
     """One pass over ``grad_out``: program (N tile, D tile, group of batch rows) reads each row once,
     writes ``grad_visible[b, j]`` from the first position i of id j (plus its duplicates' rows, which
@@ -348,30 +390,38 @@ def restore_tokens_bwd_kernel(
         acc_mt += tl.where(vis[:, None], 0.0, gr)
         if HAS_POS:
             acc_pos += gr
-        if WRITE_VIS:
+        if WRITE_VIS:  # rows of a permutation (FLAGS 0): every visible position is its id's only one
+            regular = tl.load(FLAGS + bb) == 0
+            tl.store(
+                GVIS + bb * K * D + tl.where(vis, j, 0).to(tl.int64)[:, None] * D + cols[None, :],
+                _cast(gr, GVIS.dtype.element_ty, RTNE_BF16),
+                mask=(vis & regular)[:, None] & dmask[None, :],
+            )
+    if WRITE_VIS:
+        # rows that are no permutation of 0..K-1 (none in MAE use): the first position of each id
+        # writes its row plus its duplicates' rows, rows no position takes get zeros
+        bb = _next_flagged(FLAGS, b0, b1, b0 - 1, 3, BLOCK_B)
+        while bb < b1:
+            j = tl.load(IDS + bb * stride_ib + ns * stride_in, mask=nmask, other=-1).to(tl.int32)
+            vis = (j >= 0) & (j < K)
             js = tl.where(vis, j, 0)
             gv_b = GVIS + bb * K * D
-            if tl.load(FLAGS + bb) == 0:  # a permutation: every visible position is its id's only one
-                tl.store(
-                    gv_b + js.to(tl.int64)[:, None] * D + cols[None, :],
-                    _cast(gr, GVIS.dtype.element_ty, RTNE_BF16),
-                    mask=vis[:, None] & dmask[None, :],
-                )
-            else:  # first positions write their id's row (plus the duplicates'), unused rows get zeros
-                first = vis & (tl.load(FIRST + bb * K + js, mask=vis, other=-1) == ns)
-                nk = tl.load(NEXT + bb * N + ns, mask=first, other=-1)
-                v = _walk_chains(gr, GO + bb * stride_gb, nk, NEXT + bb * N, cols, dmask, stride_gn, stride_gd)
-                tl.store(
-                    gv_b + js.to(tl.int64)[:, None] * D + cols[None, :],
-                    _cast(v, GVIS.dtype.element_ty, RTNE_BF16),
-                    mask=first[:, None] & dmask[None, :],
-                )
-                unused = jmask & (tl.load(FIRST + bb * K + ns, mask=jmask, other=0) < 0)
-                tl.store(
-                    gv_b + ns.to(tl.int64)[:, None] * D + cols[None, :],
-                    tl.zeros((BLOCK_N, BLOCK_D), dtype=GVIS.dtype.element_ty),
-                    mask=unused[:, None] & dmask[None, :],
-                )
+            first = vis & (tl.load(FIRST + bb * K + js, mask=vis, other=-1) == ns)
+            v = tl.load(GO + bb * stride_gb + ns[:, None] * stride_gn + cols[None, :] * stride_gd, mask=m, other=0.0)
+            nk = tl.load(NEXT + bb * N + ns, mask=first, other=-1)
+            v = _walk_chains(v.to(acc_dtype), GO + bb * stride_gb, nk, NEXT + bb * N, cols, dmask, stride_gn, stride_gd)
+            tl.store(
+                gv_b + js.to(tl.int64)[:, None] * D + cols[None, :],
+                _cast(v, GVIS.dtype.element_ty, RTNE_BF16),
+                mask=first[:, None] & dmask[None, :],
+            )
+            unused = jmask & (tl.load(FIRST + bb * K + ns, mask=jmask, other=0) < 0)
+            tl.store(
+                gv_b + ns.to(tl.int64)[:, None] * D + cols[None, :],
+                tl.zeros((BLOCK_N, BLOCK_D), dtype=GVIS.dtype.element_ty),
+                mask=unused[:, None] & dmask[None, :],
+            )
+            bb = _next_flagged(FLAGS, b0, b1, bb, 3, BLOCK_B)
     gi = g.to(tl.int64)
     tl.store(PART_MT + (gi * tl.num_programs(0) + pid_n) * D + cols, tl.sum(acc_mt, axis=0), mask=dmask)
     if HAS_POS:
@@ -384,20 +434,26 @@ def restore_tokens_bwd_kernel(
 @triton.jit
 def sum_partials_kernel(
     PART,  # (G, M) fp32/fp64 contiguous: per-group partial sums
-    OUT,  # (M,) contiguous: sum over the G rows in order 0..G-1, cast to OUT's dtype
+    OUT,  # (M,) contiguous: sum over the G rows, cast to OUT's dtype
     OUT2,  # (M,) contiguous: the same sum in OUT2's dtype; unused unless HAS_OUT2
     G,
     M,
     HAS_OUT2: tl.constexpr,
     RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
+    BLOCK_G: tl.constexpr,  # partial rows loaded per step (all of them in flight at once)
     BLOCK: tl.constexpr,
 ):
-    """Fixed-order reduction of the backwards' batch-group partials and the cast, in one pass."""
+    """Fixed-order reduction of the backwards' batch-group partials and the cast, in one pass:
+    BLOCK_G rows per step are summed in registers, the steps in order (deterministic)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = cols < M
-    acc = tl.load(PART + cols, mask=msk, other=0.0)
-    for g in range(1, G):
-        acc += tl.load(PART + g * M + cols, mask=msk, other=0.0)
-    tl.store(OUT + cols, _cast(acc, OUT.dtype.element_ty, RTNE_BF16), mask=msk)
+    acc = tl.zeros((BLOCK_G, BLOCK), dtype=PART.dtype.element_ty)
+    for g0 in range(0, G, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        acc += tl.load(
+            PART + gs.to(tl.int64)[:, None] * M + cols[None, :], mask=(gs < G)[:, None] & msk[None, :], other=0.0
+        )
+    tot = tl.sum(acc, axis=0)
+    tl.store(OUT + cols, _cast(tot, OUT.dtype.element_ty, RTNE_BF16), mask=msk)
     if HAS_OUT2:
-        tl.store(OUT2 + cols, _cast(acc, OUT2.dtype.element_ty, RTNE_BF16), mask=msk)
+        tl.store(OUT2 + cols, _cast(tot, OUT2.dtype.element_ty, RTNE_BF16), mask=msk)

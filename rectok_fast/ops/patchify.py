@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .._extension import load_extension
 from .._backend import BACKENDS_CPP, record
+from .._extension import load_extension
 from .._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,

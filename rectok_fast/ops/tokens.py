@@ -256,7 +256,8 @@ def _sum_partials(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | No
     in one kernel; ``part`` contiguous."""
     M = out.numel()
     G = part.numel() // M
-    block = 1024
+    block_g = min(triton.next_power_of_2(G), 128)  # all partial rows of a column block in flight at once
+    block = max(32, min(4096 // block_g, triton.next_power_of_2(M)))
     sum_partials_kernel[(triton.cdiv(M, block),)](
         part,
         out,
@@ -265,6 +266,7 @@ def _sum_partials(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | No
         M,
         HAS_OUT2=out2 is not None,
         RTNE_BF16=_RTNE_BF16,
+        BLOCK_G=block_g,
         BLOCK=block,
         num_warps=4,
     )
@@ -276,6 +278,11 @@ def _batch_groups(B: int, tiles: int) -> int:
     (rows, D) slab per group) stay a small fraction of the bytes read."""
     groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), B // _MIN_ROWS_PER_GROUP, B))
     return triton.cdiv(B, groups)
+
+
+def _flag_block(rows_per_group: int) -> int:
+    """FLAGS entries a backward program scans per step for its irregular batch rows."""
+    return min(triton.next_power_of_2(max(rows_per_group, 1)), 256)
 
 
 def _per_batch_rows(B: int) -> int:
@@ -337,6 +344,7 @@ def _gather_bwd(
         RTNE_BF16=_RTNE_BF16,
         BLOCK_N=bn,
         BLOCK_D=bd,
+        BLOCK_B=_flag_block(bpg),
         num_warps=_num_warps(bn, bd),
     )
     if sum_batch:
@@ -441,6 +449,7 @@ def _restore_bwd(
         RTNE_BF16=_RTNE_BF16,
         BLOCK_N=bn,
         BLOCK_D=bd,
+        BLOCK_B=_flag_block(bpg),
         num_warps=_num_warps(bn, bd),
     )
     g_mt = torch.empty((D,), device=dev, dtype=mask_dtype)
