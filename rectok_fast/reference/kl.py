@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .posterior_flow import LOGVAR_MAX, LOGVAR_MIN
+from .posterior_flow import LOGVAR_MAX, LOGVAR_MIN, clamp_inclusive
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -19,11 +19,12 @@ def gaussian_kl(
     """KL(N(mean, exp(logvar)) || N(0, I)) summed over all but the batch dim: (B,) fp32 (fp64 for fp64 inputs).
 
     ``0.5·Σ(mean² + var - 1 - logvar)`` with logvar clamped to [-30, 20] first (as the official
-    DiagonalGaussian does; ``logvar_clamp=None`` disables it).
+    DiagonalGaussian does; ``logvar_clamp=None`` disables it).  The clamp's gradient passes where
+    ``lo <= logvar <= hi`` (:func:`clamp_inclusive`).
     """
     mean, logvar = _up(mean), _up(logvar)
     if logvar_clamp is not None:
-        logvar = logvar.clamp(*logvar_clamp)
+        logvar = clamp_inclusive(logvar, *logvar_clamp)
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
