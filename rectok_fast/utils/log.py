@@ -157,7 +157,7 @@ def progress_bar(total: int | None, desc: str, unit: str = "img", *, enabled: bo
     from tqdm.auto import tqdm
 
     interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(
+    opts = dict(
         total=total,
         initial=initial,
         desc=desc,
@@ -168,8 +168,8 @@ def progress_bar(total: int | None, desc: str, unit: str = "img", *, enabled: bo
         mininterval=interval,
         maxinterval=max(10.0, interval),
         disable=not enabled,
-        **kw,
     )
+    return tqdm(**{**opts, **kw})
 
 
 class Progress:
