@@ -69,14 +69,20 @@ def test_stale_temporary_removed_live_one_kept(tmp_path):
     legacy_old = d / ".tmp_k3j4h5.pt"  # mkstemp-style name of older versions
     for p in (stale, live, mine, other_old, other_new, legacy_old):
         p.write_bytes(b"partial")
+    just_killed = d / f".tmp_{host}_{dead.pid}_feedface.pt"  # within the grace period: kept for now
+    just_killed.write_bytes(b"partial")
     old = time.time() - 2 * ck.STALE_TMP_AGE_S
+    grace = time.time() - 2 * ck.DEAD_WRITER_GRACE_S
     os.utime(other_old, (old, old))
     os.utime(legacy_old, (old, old))
+    for p in (stale, live, mine, other_new):
+        os.utime(p, (grace, grace))
     removed = ck.remove_stale_temporaries(str(d))
     assert sorted(removed) == sorted(str(p) for p in (stale, other_old, legacy_old))
-    assert live.exists() and mine.exists() and other_new.exists()
+    assert live.exists() and mine.exists() and other_new.exists() and just_killed.exists()
     # save_checkpoint cleans the directory it writes to
     stale.write_bytes(b"partial")
+    os.utime(stale, (grace, grace))
     ck.save_checkpoint(_state(1), str(tmp_path), 1)
     assert not stale.exists() and live.exists()
 

@@ -101,6 +101,18 @@ def check_run_dir(cfg: RunConfig, is_main: bool = True) -> None:
         logger.warning("--overwrite: removed %s", ", ".join(found))
 
 
+def _all_ok(ok: bool) -> bool:
+    """``ok`` of every rank (a barrier under torchrun; the identity on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
 class _StopSignals:
     """SIGTERM / SIGINT set a flag that the loop reads at a step boundary (the step in flight finishes).
 
@@ -358,11 +370,22 @@ class Trainer:
         return os.path.join(self.cfg.out, "checkpoints", "latest.pt")
 
     def save(self) -> None:
+        """Write the checkpoint on the main rank; every rank learns whether it worked (a failed write --
+        a full disk -- raises on all ranks instead of leaving the others waiting in a barrier)."""
+        err: BaseException | None = None
         if self.dist.is_main:
             lg = self.cfg.log
-            state = self.state_dict()
-            save_checkpoint(state, self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every)
-        barrier()
+            try:
+                state = self.state_dict()
+                save_checkpoint(
+                    state, self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every
+                )
+            except Exception as e:
+                err = e
+        if not _all_ok(err is None) and err is None:
+            raise CheckpointError(f"the main rank could not write the checkpoint of step {self.step} (see its error)")
+        if err is not None:
+            raise err
 
     # ------------------------------------------------------------------ the loop
 
@@ -374,7 +397,7 @@ class Trainer:
         if self.dist.is_main:
             os.makedirs(cfg.out, exist_ok=True)
             save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-            if self.step > 0:  # resumed: the steps after the checkpoint are re-run, drop their old records
+            if cfg.resume:  # the steps after the checkpoint (all, without one) are re-run: drop their old records
                 truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), self.step)
         mlog = MetricLogger(
             cfg.out,

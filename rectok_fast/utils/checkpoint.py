@@ -256,7 +256,10 @@ def safe_torch_load(
 _TMP_PREFIX = ".tmp_"
 _TMP_RE = re.compile(r"^\.tmp_(?P<host>[A-Za-z0-9-]+)_(?P<pid>\d+)_[0-9a-f]+\.")
 STALE_TMP_AGE_S = 3600.0
-"""Temporaries of another host (or of an unknown format) are stale once unmodified for this long."""
+"""Any temporary unmodified for this long is stale (another host's, an unknown format, a hung writer)."""
+DEAD_WRITER_GRACE_S = 30.0
+"""A temporary of a process of this host that is gone is stale once unmodified for this long (a guard
+against a live writer on another machine that shares this host name)."""
 
 
 def _host_tag() -> str:
@@ -289,9 +292,10 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(d: str, *, max_age_s: float = STALE_TMP_AGE_S) -> list[str]:
     """Delete the ``.tmp_*`` files a killed writer left in ``d``; returns the removed paths.
 
-    A temporary is stale when its writer (host + pid in the name) is this host and that process is
-    gone, or -- another host's, or a name without a writer -- when it was last modified more than
-    ``max_age_s`` ago (a live writer keeps touching it).  A live process's temporary is never removed."""
+    A temporary is stale when its writer (host + pid in the name) is this host, that process is gone
+    and the file is unmodified for :data:`DEAD_WRITER_GRACE_S`, or -- whoever wrote it -- when it was
+    last modified more than ``max_age_s`` ago (a live writer keeps touching it).  The temporary of a
+    process that is still writing is never removed."""
     removed: list[str] = []
     try:
         names = os.listdir(d)
@@ -304,10 +308,10 @@ def remove_stale_temporaries(d: str, *, max_age_s: float = STALE_TMP_AGE_S) -> l
         p = os.path.join(d, n)
         m = _TMP_RE.match(n)
         try:
-            if m and m.group("host") == host:
-                stale = not _pid_alive(int(m.group("pid")))
-            else:
-                stale = now - os.stat(p).st_mtime > max_age_s
+            age = now - os.stat(p).st_mtime
+            stale = age > max_age_s
+            if not stale and m and m.group("host") == host:
+                stale = age > DEAD_WRITER_GRACE_S and not _pid_alive(int(m.group("pid")))
             if stale and os.path.isfile(p):
                 os.remove(p)
                 removed.append(p)
