@@ -47,6 +47,7 @@ _RTNE_BF16 = triton_interpret()
 _BLOCK_TOKENS = 16  # tokens (rows) per program
 _MAX_BLOCK_D = 256  # feature chunk streamed per loop iteration / per program
 _BLOCK_D_BWD = 128  # the backwards loop over the batch: tile D finer for more programs
+_BWD_WARPS = 4  # 16 x 128 tile: 16 elements per thread (8 for fp64, whose tile is 16 x 64)
 _MAX_SORT_L = 4096  # token_links_kernel sorts a row of up to this many ids in one program
 _TARGET_PROGRAMS = 1024  # ~8 resident programs per SM on a 132-SM GPU for the batch-looping backwards
 _MAX_GRID_Z = 65535  # CUDA's limit on the grid's third axis
@@ -317,7 +318,7 @@ def _gather_bwd(
     fp64 = torch.float64 in (grad_out.dtype, x_dtype if need_x else None, pos_dtype if need_pos else None)
     acc_dtype = torch.float64 if fp64 else torch.float32
     first, nxt, flags = _links(ids_keep, num_rows)
-    bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD)
+    bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD // 2 if fp64 else _BLOCK_D_BWD)  # fp64: half the tile (registers)
     tiles = triton.cdiv(num_rows, bn) * triton.cdiv(D, bd)
     bpg = _batch_groups(B, tiles) if sum_batch else _per_batch_rows(B)
     groups = triton.cdiv(B, bpg)
@@ -345,7 +346,7 @@ def _gather_bwd(
         BLOCK_N=bn,
         BLOCK_D=bd,
         BLOCK_B=_flag_block(bpg),
-        num_warps=_num_warps(bn, bd),
+        num_warps=_BWD_WARPS,
     )
     if sum_batch:
         outs = ([gx] if need_x and shared else []) + ([gpos] if need_pos else [])
@@ -417,7 +418,7 @@ def _restore_bwd(
             g_pos.zero_()
         return g_vis.zero_(), torch.zeros((D,), device=dev, dtype=mask_dtype), g_pos
     first, nxt, flags = _links(ids_restore, K)
-    bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD)
+    bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD // 2 if fp64 else _BLOCK_D_BWD)  # fp64: half the tile (registers)
     n_nblocks, n_dblocks = triton.cdiv(N, bn), triton.cdiv(D, bd)
     bpg = _batch_groups(B, n_nblocks * n_dblocks)
     groups = triton.cdiv(B, bpg)
@@ -450,7 +451,7 @@ def _restore_bwd(
         BLOCK_N=bn,
         BLOCK_D=bd,
         BLOCK_B=_flag_block(bpg),
-        num_warps=_num_warps(bn, bd),
+        num_warps=_BWD_WARPS,
     )
     g_mt = torch.empty((D,), device=dev, dtype=mask_dtype)
     _sum_partials(part_mt, g_mt)
