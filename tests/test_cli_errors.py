@@ -157,6 +157,16 @@ def test_checkpoint_of_the_other_kind_says_what_it_holds(models, tmp_path, capsy
     _fails(capsys, ["stats", "--tokenizer", models["dit"]], "holds a DiT^DH")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_checkpoint_is_named(models, tmp_path, capsys, damage):
+    good = open(models["dit_pth"], "rb").read()
+    bad = tmp_path / "dit.pth"
+    bad.write_bytes({"truncated": good[: len(good) // 2], "garbage": b"hello world", "empty": b""}[damage])
+    argv = ["sample", "--dit", str(bad), "--tokenizer", models["tok"], "--out", str(tmp_path / "s")]
+    last = _fails(capsys, argv, str(bad), "truncated, corrupt or not a torch checkpoint")
+    assert "trust" not in last  # no opt-in offered for a broken file
+
+
 def test_corrupt_image_names_the_file(models, tmp_path, capsys):
     from PIL import Image
 

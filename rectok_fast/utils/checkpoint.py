@@ -66,6 +66,34 @@ class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
         self.unsafe_globals = tuple(unsafe_globals)
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A file that is truncated, corrupt or no ``torch.save`` file at all (``path`` names it)."""
+
+    def __init__(self, message: str, *, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
+def _first_byte(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1)
+    except OSError:
+        return b""
+
+
+def _damaged(path: str, what: str, e: BaseException) -> DamagedCheckpointError:
+    why = " ".join(str(e).split()).split(". This is an internal")[0]  # miniz's boilerplate
+    why = why[:160] + "..." if len(why) > 160 else why or type(e).__name__
+    try:
+        size = f"{os.path.getsize(path)} bytes"
+    except OSError:
+        size = "unreadable"
+    return DamagedCheckpointError(
+        f"{what}: {path!r} ({size}) is truncated, corrupt or not a torch checkpoint: {why}", path=path
+    )
+
+
 class TrustRemoteCodeWarning(UserWarning):
     """Issued every time a file is unpickled in full because the caller opted in."""
 
@@ -224,8 +252,20 @@ def safe_torch_load(
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (EOFError, zipfile.BadZipFile) as e:
+        raise _damaged(path, what, e) from e
+    except (KeyError, ValueError, IndexError) as e:  # the legacy reader on bytes that are no pickle
+        if _is_zip(path) or _first_byte(path) == b"\x80" or _unsafe_globals(path):
+            raise
+        raise _damaged(path, what, e) from e
+    except RuntimeError as e:  # the zip reader: "PytorchStreamReader failed reading zip archive ..."
+        if "PytorchStreamReader" in str(e) or "zip archive" in str(e) or not _is_zip(path):
+            raise _damaged(path, what, e) from e
+        raise
     except pickle.UnpicklingError as e:
         unsafe = _unsafe_globals(path)
+        if not unsafe and not _is_zip(path) and _first_byte(path) != b"\x80":  # neither a zip nor a pickle
+            raise _damaged(path, what, e) from None
         if unsafe:
             msg = (
                 f"{what}: refusing to load {path!r}: it needs the global(s) {', '.join(unsafe)}, which are not "
@@ -508,7 +548,7 @@ def _unreadable(e: BaseException) -> bool:
     """A load failure that means a damaged file (truncated zip, short read), not a refused or bad one."""
     if isinstance(e, UnsafeCheckpointError):  # needs globals: a refusal (opt in); none named: garbage bytes
         return not e.unsafe_globals
-    if isinstance(e, (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)):
+    if isinstance(e, (DamagedCheckpointError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)):
         return True
     return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError))
 
