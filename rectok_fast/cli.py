@@ -94,6 +94,10 @@ def user_error_message(e: BaseException) -> str | None:
 
     if isinstance(e, (UserError, PretrainedNotFoundError)):
         msg = str(e)
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: the worker's own message
+            last = msg.strip().splitlines()[-1]
+            head, _, rest = last.partition(": ")
+            msg = rest if rest and head.endswith(type(e).__name__) else last
     elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         msg = f"no space left on device while writing {e.filename or '(unknown file)'}"
     elif isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) and e.filename:

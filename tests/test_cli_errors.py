@@ -179,6 +179,23 @@ def test_corrupt_image_names_the_file(models, tmp_path, capsys):
     _fails(capsys, ["stats", "--tokenizer", models["tok"], "--data", str(tmp_path / "imgs")], "bad.png", "skip_corrupt")
 
 
+def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    """Training with DataLoader workers: the worker's error comes back as the one line naming the file."""
+    from PIL import Image
+
+    root = tmp_path / "imgs" / "c0"
+    root.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 10, 10)).save(root / f"{i}.png")
+    (root / "0.png").write_bytes((root / "0.png").read_bytes()[:60])
+    argv = ["train-tokenizer", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "imgs"), "device=cpu"]
+    argv += ["data.image_size=32", "data.global_batch_size=4", "data.num_workers=1", "model.latent_channels=8"]
+    argv += ["model.extra.encoder=[64,1,2]", "model.extra.decoder=[64,1,2]", "model.extra.sem_decoder=[32,1,2]"]
+    argv += ["model.extra.teacher_width=32", "model.extra.patch_size=16", "log.progress=false", "--max-steps", "1"]
+    last = _fails(capsys, argv, "0.png", "truncated")
+    assert "Original Traceback" not in last and "worker" not in last
+
+
 def test_skip_corrupt_logs_counts_and_fails_above_the_threshold(tmp_path):
     import logging
 
