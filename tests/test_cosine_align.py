@@ -283,3 +283,30 @@ def test_bad_inputs(kernel_device):
         for bad in ("0.1", None, True, torch.tensor(0.1)):
             with pytest.raises(TypeError, match="`margin`"):
                 cosine_align_loss(p, t, None, bad, backend=backend)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    M=st.integers(1, 9),
+    D=st.integers(1, 70),
+    n_bad=st.integers(0, 3),
+    value=st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0]),
+    in_target=st.booleans(),
+    masked=st.booleans(),
+    margin=st.sampled_from([0.0, 0.3, float("nan")]),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_nan_inf(M, D, n_bad, value, in_target, masked, margin, seed):
+    """NaN/Inf (and zeros: clamped norms) at random places: forward and gradients as the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    p, t = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
+    x = t if in_target else p
+    for _ in range(n_bad):
+        x[torch.randint(0, M, (1,), generator=g), torch.randint(0, D, (1,), generator=g)] = value
+    mask = (torch.rand(M, generator=g) > 0.3) if masked else None
+    assert_same_nan_inf(
+        lambda a, b: cosine_align_loss(a, b, mask, margin, grad_target=True, backend="triton"),
+        lambda a, b: R.cosine_align_loss(a, b, mask, margin, grad_target=True),
+        (p, t),
+        (True, True),
+    )

@@ -498,3 +498,31 @@ def test_kl_align_bad_inputs(kernel_device):
         kl_align_loss(s.double(), t.double(), backend="triton")
     kl_align_loss(s.cpu(), t.cpu(), backend="reference")
     assert last_backend(OP) == "reference"
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    M=st.integers(1, 9),
+    D=st.integers(1, 70),
+    n_bad=st.integers(0, 3),
+    value=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    in_teacher=st.booleans(),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kl_align_and_gaussian_kl_fuzz_nan_inf(M, D, n_bad, value, in_teacher, masked, seed):
+    """NaN/Inf at random places: forward and gradients equal the reference's, NaN for NaN."""
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
+    x = t if in_teacher else s
+    for _ in range(n_bad):
+        x[torch.randint(0, M, (1,), generator=g), torch.randint(0, D, (1,), generator=g)] = value
+    mask = (torch.rand(M, generator=g) > 0.3) if masked else None
+    assert_same_nan_inf(
+        lambda a, b: kl_align_loss(a, b, 0.7, mask, grad_target=True, backend="triton"),
+        lambda a, b: R.kl_align_loss(a, b, 0.7, mask, grad_target=True),
+        (s, t),
+        (True, True),
+    )
+    mean, logvar = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g) * 20
+    assert_same_nan_inf(lambda a, b: gaussian_kl(a, b, backend="triton"), R.gaussian_kl, (mean, x), (True, True))

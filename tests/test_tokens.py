@@ -698,3 +698,45 @@ def test_fuzz_restore(kernel_device, B, N, kfrac, D, dtype, ids_dtype, with_pos)
     torch.testing.assert_close(got[1].double(), want_mt.to(got[1].dtype).double(), rtol=tol, atol=tol)
     if pos is not None:
         torch.testing.assert_close(got[2].double(), g64.sum(0).to(dtype).double(), rtol=tol, atol=tol)
+
+
+@_SETTINGS
+@given(
+    B=st.integers(1, 9),
+    N=st.integers(1, 70),
+    kfrac=st.floats(0.0, 1.0),
+    D=st.integers(1, 20),
+    lo=st.integers(-3, 0),
+    hi_extra=st.integers(-2, 3),
+    with_pos=st.booleans(),
+    shared=st.booleans(),
+)
+def test_fuzz_any_ids_registered_ops(kernel_device, B, N, kfrac, D, lo, hi_extra, with_pos, shared):
+    """Registered ops (no host checks) with arbitrary ids, repeats and out-of-range values included:
+    restore and gather, forward and every gradient, equal the reference in fp64 (gather / restore
+    there see the out-of-range ids replaced by what the kernels do with them: a zero row, the mask
+    token)."""
+    K = int(round(kfrac * N))
+    f64 = dict(device=kernel_device, dtype=torch.float64)
+    pos = _leaf(torch.randn(N, D, **f64)) if with_pos else None
+    # restore: ids in [lo, N + hi_extra)
+    rid = torch.randint(lo, max(lo + 1, N + hi_extra), (B, N), device=kernel_device)
+    vis, mt = _leaf(torch.randn(B, K, D, **f64)), _leaf(torch.randn(D, **f64))
+    out = restore_tokens_fwd(vis, rid, mt, pos)
+    exp = ref.restore_tokens(vis, torch.where((rid >= 0) & (rid < K), rid, K), mt, pos)
+    torch.testing.assert_close(out, exp, rtol=0, atol=0)
+    inputs = (vis, mt) if pos is None else (vis, mt, pos)
+    g = torch.randn_like(out)
+    for a, b in zip(_grads(out, inputs, g), _grads(exp, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # gather: K ids in [lo, N + hi_extra)
+    kid = torch.randint(lo, max(lo + 1, N + hi_extra), (B, K), device=kernel_device)
+    x = _leaf(torch.randn((N, D) if shared else (B, N, D), **f64))
+    valid = ((kid >= 0) & (kid < N)).unsqueeze(-1)
+    out = gather_tokens_fwd(x, kid, pos)
+    exp = torch.where(valid, ref.gather_tokens(x, torch.where(valid[..., 0], kid, 0), pos), 0.0)
+    torch.testing.assert_close(out, exp, rtol=0, atol=0)
+    inputs = (x,) if pos is None else (x, pos)
+    g = torch.randn_like(out)
+    for a, b in zip(_grads(out, inputs, g), _grads(exp, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
