@@ -79,6 +79,8 @@ def label_grid(
         tw, th = size(t)
         d.text((4, top + pad + i * (ch + pad) + (ch - th) // 2), t, fill=(0, 0, 0), font=font)
     for j, t in enumerate(col_labels or []):
+        while len(t) > 2 and size(t)[0] > cw - 2:  # shorten what does not fit its column
+            t = t.rstrip("…")[:-1] + "…"
         tw, th = size(t)
         d.text((left + pad + j * (cw + pad) + max(0, (cw - tw) // 2), 4), t, fill=(0, 0, 0), font=font)
     return np.asarray(img)
