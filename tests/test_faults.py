@@ -277,22 +277,28 @@ def test_metrics_truncated_to_the_resumed_step(tmp_path, lat):
 
 
 def test_sigterm_real_process_exits_143_with_one_line(tmp_path, lat):
-    """SIGTERM (a cluster's preemption) to the real ``rectok-fast train-dit`` process."""
+    """SIGTERM (a cluster's preemption) to the process group of the real ``rectok-fast train-dit`` process,
+    its DataLoader worker included (which leaves the signal to the main process)."""
     out = tmp_path / "run"
     args = ["train-dit", "--out", str(out), f"data.latents={lat}", "device=cpu", "model.latent_channels=8"]
     args += ["model.extra.hidden_size=[32,48]", "model.extra.depth=[1,1]", "model.extra.num_heads=[2,2]"]
     args += ["optim.total_steps=100000", "optim.amp=none", "data.global_batch_size=8", "log.progress=false"]
-    args += ["log.log_every=1"]
+    args += ["log.log_every=1", "data.num_workers=1"]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rectok_fast.cli", *args], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        [sys.executable, "-m", "rectok_fast.cli", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,  # its own process group, as a job under a scheduler
     )
     try:
         deadline = time.time() + 240
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().count("\n"):
             assert proc.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

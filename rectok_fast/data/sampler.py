@@ -69,6 +69,16 @@ class DistributedGlobalBatchSampler(Sampler[int]):
         return (self.steps_per_epoch - self.start_step) * self.accum * self.micro
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: SIGINT / SIGTERM (Ctrl-C and a cluster's preemption
+    reach the whole process group) are left to the main process, which finishes its step, writes a
+    checkpoint and then shuts the workers down; a worker dying on them would fail that step instead."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(
     dataset: Dataset,
     micro_batch: int,
@@ -95,6 +105,7 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
 
 
