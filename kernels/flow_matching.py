@@ -29,6 +29,23 @@ def _chunks(pid1, ROWS: tl.constexpr, LANE: tl.constexpr):
 
 
 @triton.jit
+def _ld(PTR, off, M, EVEN: tl.constexpr):
+    """Load at in-row offsets ``off`` (masked past M unless EVEN: M is a multiple of 4·LANE)."""
+    if EVEN:
+        return tl.load(PTR + off)
+    else:
+        return tl.load(PTR + off, mask=off < M, other=0.0)
+
+
+@triton.jit
+def _st(PTR, off, v, M, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(PTR + off, to_store(v, PTR.dtype.element_ty))
+    else:
+        tl.store(PTR + off, to_store(v, PTR.dtype.element_ty), mask=off < M)
+
+
+@triton.jit
 def _x0(
     SEED,
     seed_int,
@@ -44,15 +61,16 @@ def _x0(
     ROUNDS: tl.constexpr,
     ACC: tl.constexpr,
     LANE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """x0 of the four lane tiles (offsets m0 + j·LANE of row b), loaded (HAS_NOISE, X0 already
     offset to row b) or generated, in ACC; ``like``: a loaded lane tile whose register layout the
     generated noise takes."""
     if HAS_NOISE:
-        a0 = tl.load(X0 + m0, mask=m0 < M, other=0.0).to(ACC)
-        a1 = tl.load(X0 + m0 + LANE, mask=m0 + LANE < M, other=0.0).to(ACC)
-        a2 = tl.load(X0 + m0 + 2 * LANE, mask=m0 + 2 * LANE < M, other=0.0).to(ACC)
-        a3 = tl.load(X0 + m0 + 3 * LANE, mask=m0 + 3 * LANE < M, other=0.0).to(ACC)
+        a0 = _ld(X0, m0, M, EVEN).to(ACC)
+        a1 = _ld(X0, m0 + LANE, M, EVEN).to(ACC)
+        a2 = _ld(X0, m0 + 2 * LANE, M, EVEN).to(ACC)
+        a3 = _ld(X0, m0 + 3 * LANE, M, EVEN).to(ACC)
     else:
         k0, k1 = philox_key(SEED, seed_int, SEED_IN_PTR)
         s_lo, s_hi = sample_words(b + s_off)
@@ -62,12 +80,18 @@ def _x0(
 
 
 @triton.jit
-def _load4(PTR, m0, stride, M, LANE: tl.constexpr):
+def _load4(PTR, m0, stride, M, LANE: tl.constexpr, EVEN: tl.constexpr):
     """The four lane tiles of a row (PTR already offset to the row), masked past M, as stored."""
-    v0 = tl.load(PTR + m0 * stride, mask=m0 < M, other=0.0)
-    v1 = tl.load(PTR + (m0 + LANE) * stride, mask=m0 + LANE < M, other=0.0)
-    v2 = tl.load(PTR + (m0 + 2 * LANE) * stride, mask=m0 + 2 * LANE < M, other=0.0)
-    v3 = tl.load(PTR + (m0 + 3 * LANE) * stride, mask=m0 + 3 * LANE < M, other=0.0)
+    if EVEN:
+        v0 = tl.load(PTR + m0 * stride)
+        v1 = tl.load(PTR + (m0 + LANE) * stride)
+        v2 = tl.load(PTR + (m0 + 2 * LANE) * stride)
+        v3 = tl.load(PTR + (m0 + 3 * LANE) * stride)
+    else:
+        v0 = tl.load(PTR + m0 * stride, mask=m0 < M, other=0.0)
+        v1 = tl.load(PTR + (m0 + LANE) * stride, mask=m0 + LANE < M, other=0.0)
+        v2 = tl.load(PTR + (m0 + 2 * LANE) * stride, mask=m0 + 2 * LANE < M, other=0.0)
+        v3 = tl.load(PTR + (m0 + 3 * LANE) * stride, mask=m0 + 3 * LANE < M, other=0.0)
     return v0, v1, v2, v3
 
 
@@ -77,12 +101,11 @@ def _acc4(v, ACC: tl.constexpr):
 
 
 @triton.jit
-def _store4(PTR, m0, M, v0, v1, v2, v3, LANE: tl.constexpr):
-    ty = PTR.dtype.element_ty
-    tl.store(PTR + m0, to_store(v0, ty), mask=m0 < M)
-    tl.store(PTR + m0 + LANE, to_store(v1, ty), mask=m0 + LANE < M)
-    tl.store(PTR + m0 + 2 * LANE, to_store(v2, ty), mask=m0 + 2 * LANE < M)
-    tl.store(PTR + m0 + 3 * LANE, to_store(v3, ty), mask=m0 + 3 * LANE < M)
+def _store4(PTR, m0, M, v0, v1, v2, v3, LANE: tl.constexpr, EVEN: tl.constexpr):
+    _st(PTR, m0, v0, M, EVEN)
+    _st(PTR, m0 + LANE, v1, M, EVEN)
+    _st(PTR, m0 + 2 * LANE, v2, M, EVEN)
+    _st(PTR, m0 + 3 * LANE, v3, M, EVEN)
 
 
 @triton.jit(do_not_specialize=_DNS)
@@ -103,11 +126,12 @@ def flow_xt_fwd_kernel(
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     LANE: tl.constexpr,
+    EVEN: tl.constexpr,  # M is a multiple of 4·LANE·ROWS: no masks
 ):
     b = tl.program_id(0).to(tl.int64)
     m0, g = _chunks(tl.program_id(1), ROWS, LANE)
-    x1r = _load4(X1 + b * stride_xb, m0, stride_xm, M, LANE)
-    x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, x1r[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE)
+    x1r = _load4(X1 + b * stride_xb, m0, stride_xm, M, LANE, EVEN)
+    x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, x1r[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE, EVEN)
     x1 = _acc4(x1r, ACC)
     tt = tl.load(T + b).to(ACC)
     omt = 1.0 - tt
@@ -120,6 +144,7 @@ def flow_xt_fwd_kernel(
         tt * x1[2] + omt * x0[2],
         tt * x1[3] + omt * x0[3],
         LANE,
+        EVEN,
     )
 
 
@@ -145,18 +170,21 @@ def flow_xt_bwd_kernel(
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     LANE: tl.constexpr,
+    EVEN: tl.constexpr,  # M is a multiple of 4·LANE·ROWS: no masks
 ):
     b = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1)
     m0, g = _chunks(pid1, ROWS, LANE)
-    grr = _load4(GRAD + b * M, m0, 1, M, LANE)
+    grr = _load4(GRAD + b * M, m0, 1, M, LANE, EVEN)
     gr = _acc4(grr, ACC)
     if NEED_DX1:
         tt = tl.load(T + b).to(ACC)
-        _store4(DX1 + b * M, m0, M, tt * gr[0], tt * gr[1], tt * gr[2], tt * gr[3], LANE)
+        _store4(DX1 + b * M, m0, M, tt * gr[0], tt * gr[1], tt * gr[2], tt * gr[3], LANE, EVEN)
     if NEED_DT:  # dx_t/dt = x1 − x0
-        x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, grr[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE)
-        x1 = _acc4(_load4(X1 + b * stride_xb, m0, stride_xm, M, LANE), ACC)
+        x0 = _x0(
+            SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, grr[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE, EVEN
+        )
+        x1 = _acc4(_load4(X1 + b * stride_xb, m0, stride_xm, M, LANE, EVEN), ACC)
         dt = gr[0] * (x1[0] - x0[0]) + gr[1] * (x1[1] - x0[1]) + gr[2] * (x1[2] - x0[2]) + gr[3] * (x1[3] - x0[3])
         tl.store(DT_PART + b * tl.num_programs(1) + pid1, tl.sum(tl.sum(dt.to(tl.float32), axis=1), axis=0))
 
@@ -182,17 +210,23 @@ def _residual4(
     ROUNDS: tl.constexpr,
     ACC: tl.constexpr,
     LANE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """``pred − (x1 − x0)`` of the four lane tiles, in ACC (0 past M)."""
-    x1r = _load4(X1 + b * stride_xb, m0, stride_xm, M, LANE)
-    p = _acc4(_load4(PRED + b * stride_pb, m0, stride_pm, M, LANE), ACC)
-    x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, x1r[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE)
+    x1r = _load4(X1 + b * stride_xb, m0, stride_xm, M, LANE, EVEN)
+    p = _acc4(_load4(PRED + b * stride_pb, m0, stride_pm, M, LANE, EVEN), ACC)
+    x0 = _x0(SEED, seed_int, s_off, X0 + b * M, b, m0, g, M, x1r[0], HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE, EVEN)
     x1 = _acc4(x1r, ACC)
     # masked elements: p = x1 = 0 but x0 != 0 when generated
-    d0 = tl.where(m0 < M, p[0] - (x1[0] - x0[0]), 0.0)
-    d1 = tl.where(m0 + LANE < M, p[1] - (x1[1] - x0[1]), 0.0)
-    d2 = tl.where(m0 + 2 * LANE < M, p[2] - (x1[2] - x0[2]), 0.0)
-    d3 = tl.where(m0 + 3 * LANE < M, p[3] - (x1[3] - x0[3]), 0.0)
+    d0 = p[0] - (x1[0] - x0[0])
+    d1 = p[1] - (x1[1] - x0[1])
+    d2 = p[2] - (x1[2] - x0[2])
+    d3 = p[3] - (x1[3] - x0[3])
+    if not EVEN:
+        d0 = tl.where(m0 < M, d0, 0.0)
+        d1 = tl.where(m0 + LANE < M, d1, 0.0)
+        d2 = tl.where(m0 + 2 * LANE < M, d2, 0.0)
+        d3 = tl.where(m0 + 3 * LANE < M, d3, 0.0)
     return d0, d1, d2, d3
 
 
@@ -216,6 +250,7 @@ def flow_loss_fwd_kernel(
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     LANE: tl.constexpr,
+    EVEN: tl.constexpr,  # M is a multiple of 4·LANE·ROWS: no masks
 ):
     b = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1)
@@ -240,6 +275,7 @@ def flow_loss_fwd_kernel(
         ROUNDS,
         ACC,
         LANE,
+        EVEN,
     )
     sq = d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
     tl.store(PART + b * tl.num_programs(1) + pid1, tl.sum(tl.sum(sq, axis=1), axis=0).to(tl.float32))
@@ -270,6 +306,7 @@ def flow_loss_bwd_kernel(
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     LANE: tl.constexpr,
+    EVEN: tl.constexpr,  # M is a multiple of 4·LANE·ROWS: no masks
 ):
     b = tl.program_id(0).to(tl.int64)
     m0, g = _chunks(tl.program_id(1), ROWS, LANE)
@@ -293,12 +330,13 @@ def flow_loss_bwd_kernel(
         ROUNDS,
         ACC,
         LANE,
+        EVEN,
     )
     scale = tl.load(GRAD).to(ACC) * inv_numel  # one scalar: no per-element division
     if NEED_DPRED:
-        _store4(DPRED + b * M, m0, M, scale * d0, scale * d1, scale * d2, scale * d3, LANE)
+        _store4(DPRED + b * M, m0, M, scale * d0, scale * d1, scale * d2, scale * d3, LANE, EVEN)
     if NEED_DX1:
-        _store4(DX1 + b * M, m0, M, -scale * d0, -scale * d1, -scale * d2, -scale * d3, LANE)
+        _store4(DX1 + b * M, m0, M, -scale * d0, -scale * d1, -scale * d2, -scale * d3, LANE, EVEN)
 
 
 @triton.jit(do_not_specialize=_DNS)
@@ -312,6 +350,7 @@ def flow_noise_kernel(
     ROUNDS: tl.constexpr,
     ROWS: tl.constexpr,
     LANE: tl.constexpr,
+    EVEN: tl.constexpr,  # M is a multiple of 4·LANE·ROWS: no masks
 ):
     """Materialise the x0 that the fused kernels generate (``flow_matching_noise``, tests)."""
     b = tl.program_id(0).to(tl.int64)
@@ -319,4 +358,4 @@ def flow_noise_kernel(
     k0, k1 = philox_key(SEED, seed_int, SEED_IN_PTR)
     s_lo, s_hi = sample_words(b + s_off)
     a0, a1, a2, a3 = flow_normals(k0, k1, s_lo, s_hi, g, g.to(tl.uint32) * 0, ROUNDS)
-    _store4(X0 + b * M, m0, M, a0, a1, a2, a3, LANE)
+    _store4(X0 + b * M, m0, M, a0, a1, a2, a3, LANE, EVEN)

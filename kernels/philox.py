@@ -225,9 +225,10 @@ def posterior_normals(
     shapes), of the sample with words ``(s_lo, s_hi)``: ``(ep_even, ep_odd, ef_even, ef_odd)``.
     ``zero``: a uint32 zero tile of the (pair, c) shape (:func:`zero_like_layout` of a loaded tile,
     or any zero).  A pair that is not NEED_* is not computed (zeros stand in for it)."""
+    # only c0 carries the tile's shape (and the loads' layout); the other words broadcast
     c0 = c.to(tl.uint32) + zero
-    c1 = (pair.to(tl.uint32) | _POSTERIOR_TAG) + zero
-    w0, w1, w2, w3 = philox4x32(c0, c1, s_lo + zero, s_hi + zero, k0, k1, ROUNDS)
+    c1 = pair.to(tl.uint32) | _POSTERIOR_TAG
+    w0, w1, w2, w3 = philox4x32(c0, c1, s_lo, s_hi, k0, k1, ROUNDS)
     pe = zero.to(tl.float32)
     po = pe
     fe = pe
@@ -243,8 +244,9 @@ def posterior_normals(
 def flow_normals(k0, k1, s_lo, s_hi, g, zero, ROUNDS: tl.constexpr):
     """x0 of lanes 0..3 of flow-matching element group ``g`` (int32 tensor, < 2**31) of the
     sample with words ``(s_lo, s_hi)``; ``zero`` as in :func:`posterior_normals`."""
+    # c1, c2, c3 are scalars: the first two rounds are partly per-program (uniform) work
     c0 = g.to(tl.uint32) + zero
-    w0, w1, w2, w3 = philox4x32(c0, zero, s_lo + zero, s_hi + zero, k0, k1, ROUNDS)
+    w0, w1, w2, w3 = philox4x32(c0, s_lo * 0, s_lo, s_hi, k0, k1, ROUNDS)
     x0, x1 = box_muller(w0, w1)
     x2, x3 = box_muller(w2, w3)
     return x0, x1, x2, x3

@@ -22,22 +22,25 @@ from .philox import philox_key, posterior_normals, sample_words, to_store, zero_
 
 LOGVAR_MIN: tl.constexpr = tl.constexpr(-30.0)
 LOGVAR_MAX: tl.constexpr = tl.constexpr(20.0)
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_HALF_LOG2E: tl.constexpr = tl.constexpr(0.7213475204444817)
 
 # integer arguments that change from step to step (token count K = N after masking and the partial
 # count that follows it, the seed, the sample offset): never specialised, so a new mask ratio or seed
 # never recompiles.  The batch stride N·2C stays specialised (divisible by 16 whenever C is a
 # multiple of 8, whatever N): it keeps the loads vectorised.
-_DNS = ["N", "P", "seed_int", "s_off"]
+_DNS = ["N", "P", "seed_int", "s_off", "b_base"]
 
 
 @triton.jit
-def _pair_tile(pid0, pid1, N, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sample ``b`` (int64), first token ``n0`` (int32), pair indices ``p`` (BLOCK_P,), channels
-    ``c`` (BLOCK_C,), in-tile row offsets of the even tokens ``row`` (BLOCK_P,) and the masks of
-    the even / odd tokens (BLOCK_P, BLOCK_C); ``part`` is this program's partial-sum slot."""
-    n_blocks = tl.cdiv(N, 2 * BLOCK_P)
-    b = (pid0 // n_blocks).to(tl.int64)
-    pb = pid0 % n_blocks
+def _pair_tile(b_base, N, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (pair blocks, channel blocks, samples from ``b_base``): sample ``b`` (int64), first
+    token ``n0`` (int32), pair indices ``p`` (BLOCK_P,), channels ``c`` (BLOCK_C,), in-tile row
+    offsets of the even tokens ``row`` (BLOCK_P,) and the masks of the even / odd tokens
+    (BLOCK_P, BLOCK_C); ``part`` is this program's partial-sum slot (no integer division)."""
+    pb = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64) + b_base
     i = tl.arange(0, BLOCK_P)
     p = pb * BLOCK_P + i
     c = pid1 * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -123,11 +126,11 @@ def _fwd_half(
     mean = mean.to(ACC)
     lv = _clamp_logvar(lv_raw.to(ACC))
     if SAMPLE:
-        std = tl.exp(0.5 * lv)
+        std = tl.exp2(lv * _HALF_LOG2E)  # exp(lv / 2)
         var = std * std
         z = mean + std * eps_post
     else:
-        var = tl.exp(lv)
+        var = tl.exp2(lv * _LOG2E)
         z = mean
     # same operation order as the reference: (1 - t)·z + (t·γ)·ε₂
     zt = one_minus_t * z + t_gamma * eps_flow
@@ -152,6 +155,7 @@ def posterior_flow_fwd_kernel(
     P,
     seed_int: tl.int64,  # the seed when not SEED_IN_PTR
     s_off: tl.int64,  # sample_offset: global index of sample 0
+    b_base: tl.int64,  # first sample of this launch (grid dim 2 holds at most 65535 samples)
     gamma,
     stride_mb,
     stride_mn,
@@ -165,7 +169,7 @@ def posterior_flow_fwd_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b, n0, p, c, row, ok_e, ok_o, part = _pair_tile(tl.program_id(0), tl.program_id(1), N, C, BLOCK_P, BLOCK_C)
+    b, n0, p, c, row, ok_e, ok_o, part = _pair_tile(b_base, N, C, BLOCK_P, BLOCK_C)
     # int64 scalar bases, int32 in-tile offsets
     m_base = b * stride_mb + n0.to(tl.int64) * stride_mn
     z_base = (b * N + n0) * C
@@ -251,13 +255,13 @@ def _bwd_half(
         else:
             dz = mean * 0.0
     if SAMPLE:
-        std = tl.exp(0.5 * lv)
+        std = tl.exp2(lv * _HALF_LOG2E)
         dlv = dz * (0.5 * std * eps_post)
         if HAS_GKL:
             dlv += 0.5 * gkl * (std * std - 1.0)
         z = mean + std * eps_post
     else:
-        dlv = 0.5 * gkl * (tl.exp(lv) - 1.0)
+        dlv = 0.5 * gkl * (tl.exp2(lv * _LOG2E) - 1.0)
         z = mean
     dmean = dz
     if HAS_GKL:
@@ -288,6 +292,7 @@ def posterior_flow_bwd_kernel(
     P,
     seed_int: tl.int64,
     s_off: tl.int64,
+    b_base: tl.int64,
     gamma,
     stride_mb,
     stride_mn,
@@ -304,7 +309,7 @@ def posterior_flow_bwd_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b, n0, p, c, row, ok_e, ok_o, part = _pair_tile(tl.program_id(0), tl.program_id(1), N, C, BLOCK_P, BLOCK_C)
+    b, n0, p, c, row, ok_e, ok_o, part = _pair_tile(b_base, N, C, BLOCK_P, BLOCK_C)
     m_base = b * stride_mb + n0.to(tl.int64) * stride_mn
     z_base = (b * N + n0) * C
     m_e = row[:, None] * stride_mn + c[None, :] * stride_mc
@@ -401,14 +406,14 @@ def posterior_noise_kernel(
     P,  # unused (keeps the tile helper's signature)
     seed_int: tl.int64,
     s_off: tl.int64,
-    stride_mb,  # unused
+    b_base: tl.int64,
     SEED_IN_PTR: tl.constexpr,
     ROUNDS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Materialise the (eps_post, eps_flow) that the fused kernels generate (``flow_noise``, tests)."""
-    b, n0, p, c, row, ok_e, ok_o, part = _pair_tile(tl.program_id(0), tl.program_id(1), N, C, BLOCK_P, BLOCK_C)
+    b, n0, p, c, row, ok_e, ok_o, part = _pair_tile(b_base, N, C, BLOCK_P, BLOCK_C)
     z_base = (b * N + n0) * C
     z_e = row[:, None] * C + c[None, :]
     k0, k1 = philox_key(SEED, seed_int, SEED_IN_PTR)

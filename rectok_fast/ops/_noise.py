@@ -111,23 +111,35 @@ def check_offset_usage(op: str, sample_offset, noise_given: bool, chosen: str) -
         )
 
 
-def posterior_tiles(N: int, C: int) -> tuple[int, int, int]:
+def posterior_tiles(N: int, C: int, groups: int = 1024) -> tuple[int, int, int]:
     """(BLOCK_P token pairs, BLOCK_C channels, num_warps) of the posterior kernels: a function of
     the compile target (the interpreter gets big tiles to keep the program count low)."""
     pairs = triton.next_power_of_2(max(1, (N + 1) // 2))
     if triton_interpret():
         block_c = min(triton.next_power_of_2(C), 1024)
         return max(1, min(pairs, 8192 // block_c)), block_c, 4
-    # 1024 Philox groups (2048 elements) per program of 4 warps: 16 elements per thread amortise
-    # the per-thread key schedule and index math (compile-only report: ~100 registers, no spills)
+    # ``groups`` Philox groups (2·groups elements) per program of 4 warps: 1024 (16 elements per
+    # thread) amortise the per-thread key schedule and index math (fewest SASS per element in the
+    # compile-only report; 70-170 registers depending on the mode, no spills)
     block_c = min(triton.next_power_of_2(C), 128)
-    return max(1, min(pairs, 1024 // block_c)), block_c, 4
+    return max(1, min(pairs, groups // block_c)), block_c, 4
 
 
 def posterior_grid(B: int, N: int, C: int, block_p: int, block_c: int) -> tuple[int, int, int]:
-    """(grid0, grid1, partials per sample) for a (B, N, C) latent."""
+    """(pair blocks, channel blocks, partials per sample) for a (B, N, C) latent; the samples are
+    grid dim 2, launched in chunks of :data:`MAX_GRID_Z` (see :func:`batch_chunks`)."""
     nb, cb = triton.cdiv(N, 2 * block_p), triton.cdiv(C, block_c)
-    return B * nb, cb, nb * cb
+    return nb, cb, nb * cb
+
+
+#: CUDA's limit on grid dims 1 and 2
+MAX_GRID_Z = 65535
+
+
+def batch_chunks(B: int):
+    """``(b_base, count)`` launches covering B samples on grid dim 2 (one launch unless B > 65535)."""
+    for b0 in range(0, B, MAX_GRID_Z):
+        yield b0, min(MAX_GRID_Z, B - b0)
 
 
 def flow_rows(M: int) -> tuple[int, int]:
@@ -135,6 +147,8 @@ def flow_rows(M: int) -> tuple[int, int]:
     chunks = triton.cdiv(max(M, 1), 4 * FM_LANE)
     if triton_interpret():
         return min(triton.next_power_of_2(chunks), 8), 4
+    # one chunk of 4·FM_LANE = 2048 elements per program of 4 warps (16 per thread, ~70 registers);
+    # two chunks save ~3 SASS per element at ~125 registers (compile-only report)
     return 1, 4
 
 
@@ -154,22 +168,23 @@ def launch_posterior_noise(
         return a, b
     block_p, block_c, warps = posterior_tiles(N, C)
     g0, g1, P = posterior_grid(B, N, C, block_p, block_c)
-    posterior_noise_kernel[(g0, g1)](
-        seed_t if seed_t is not None else a,
-        a,
-        b,
-        N,
-        C,
-        P,
-        seed_int,
-        int(sample_offset),
-        0,
-        SEED_IN_PTR=seed_t is not None,
-        ROUNDS=rounds,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=warps,
-    )
+    for b0, nb in batch_chunks(B):
+        posterior_noise_kernel[(g0, g1, nb)](
+            seed_t if seed_t is not None else a,
+            a,
+            b,
+            N,
+            C,
+            P,
+            seed_int,
+            int(sample_offset),
+            b0,
+            SEED_IN_PTR=seed_t is not None,
+            ROUNDS=rounds,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
     return a, b
 
 
@@ -191,6 +206,7 @@ def launch_flow_noise(
         ROUNDS=rounds,
         ROWS=rows,
         LANE=FM_LANE,
+        EVEN=M % (4 * FM_LANE * rows) == 0,
         num_warps=warps,
     )
     return out

@@ -101,6 +101,7 @@ def _xt_fwd(x1, t, seed, x0, offset, seed_int, rounds):
         ACC=_acc(x1.dtype),
         ROWS=rows,
         LANE=FM_LANE,
+        EVEN=M % (4 * FM_LANE * rows) == 0,
         num_warps=warps,
         enable_fp_fusion=True,  # the interpreter never contracts: on the CPU x_t equals the eager reference bit for bit
     )
@@ -136,6 +137,7 @@ def _xt_bwd(grad, x1, t, seed, x0, offset, seed_int, need_dx1, need_dt, rounds):
         ACC=_acc(x1.dtype),
         ROWS=rows,
         LANE=FM_LANE,
+        EVEN=M % (4 * FM_LANE * rows) == 0,
         num_warps=warps,
     )
     return dx1, (dt_part.sum(1).to(t.dtype) if need_dt else t.new_empty(0))
@@ -165,6 +167,7 @@ def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds):
         ACC=_acc(torch.promote_types(pred.dtype, x1.dtype)),
         ROWS=rows,
         LANE=FM_LANE,
+        EVEN=M % (4 * FM_LANE * rows) == 0,
         num_warps=warps,
     )
     return part.sum() / x.numel()
@@ -200,6 +203,7 @@ def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, 
         ACC=_acc(torch.promote_types(pred.dtype, x1.dtype)),
         ROWS=rows,
         LANE=FM_LANE,
+        EVEN=M % (4 * FM_LANE * rows) == 0,
         num_warps=warps,
     )
     return dpred, dx1

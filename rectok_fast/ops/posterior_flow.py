@@ -42,6 +42,7 @@ from rectok_fast.reference.posterior_flow import posterior_flow as _ref_posterio
 from ._noise import (
     NOISE_STREAM_VERSION,
     PHILOX_ROUNDS,
+    batch_chunks,
     check_offset_usage,
     check_rounds,
     check_sample_offset,
@@ -108,37 +109,44 @@ def _fwd_launch(moments, t, seed, seed_int, eps1, eps2, gamma, sample, offset, r
         return z, zt, torch.zeros(B, device=moments.device, dtype=torch.float32)
     kl_part = torch.empty((B, P), device=moments.device, dtype=torch.float32)
     moments = _moments_2d_safe(moments, block_p)
-    posterior_flow_fwd_kernel[(g0, g1)](
-        moments,
+    t, e1, e2 = (
         t.contiguous(),
-        seed if seed is not None else zt,
-        eps1.contiguous() if (has_noise and sample) else zt,
-        eps2.contiguous() if has_noise else zt,
-        z if return_z else zt,
-        zt,
-        kl_part,
-        N,
-        C,
-        P,
-        int(seed_int),
-        int(offset),
-        float(gamma),
-        *moments.stride(),
-        HAS_NOISE=has_noise,
-        SAMPLE=sample,
-        WRITE_Z=return_z,
-        SEED_IN_PTR=seed is not None,
-        ROUNDS=rounds,
-        ACC=_acc(moments.dtype),
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=warps,
-        # FMA contraction on (the GPU default): the interpreter never contracts, so the CPU path stays
-        # bit-identical to the eager reference given the same noise (the golden ``flow_zt``); GPU
-        # runs agree with it to rounding (SPEC §6: 1e-5).  The noise uses explicit fma and does not
-        # depend on this flag.
-        enable_fp_fusion=True,
+        (eps1.contiguous() if (has_noise and sample) else zt),
+        (eps2.contiguous() if has_noise else zt),
     )
+    for b0, nb in batch_chunks(B):
+        posterior_flow_fwd_kernel[(g0, g1, nb)](
+            moments,
+            t,
+            seed if seed is not None else zt,
+            e1,
+            e2,
+            z if return_z else zt,
+            zt,
+            kl_part,
+            N,
+            C,
+            P,
+            int(seed_int),
+            int(offset),
+            b0,
+            float(gamma),
+            *moments.stride(),
+            HAS_NOISE=has_noise,
+            SAMPLE=sample,
+            WRITE_Z=return_z,
+            SEED_IN_PTR=seed is not None,
+            ROUNDS=rounds,
+            ACC=_acc(moments.dtype),
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=warps,
+            # FMA contraction on (the GPU default): the interpreter never contracts, so the CPU path stays
+            # bit-identical to the eager reference given the same noise (the golden ``flow_zt``); GPU
+            # runs agree with it to rounding (SPEC §6: 1e-5).  The noise uses explicit fma and does not
+            # depend on this flag.
+            enable_fp_fusion=True,
+        )
     return z, zt, kl_part.sum(1)
 
 
@@ -157,37 +165,45 @@ def _bwd_launch(
     dt_part = torch.empty((B, P) if need_dt else (0,), device=moments.device, dtype=torch.float32)
     moments = _moments_2d_safe(moments, block_p)
     dummy = dmoments
-    posterior_flow_bwd_kernel[(g0, g1)](
-        moments,
-        t.contiguous(),
-        seed if seed is not None else dummy,
-        eps1.contiguous() if (has_noise and sample) else dummy,
-        eps2.contiguous() if (has_noise and need_dt) else dummy,
-        grad_z.contiguous() if grad_z is not None else dummy,
-        grad_zt.contiguous() if grad_zt is not None else dummy,
-        grad_kl.contiguous() if grad_kl is not None else dummy,
-        dmoments,
-        dt_part if need_dt else dummy,
-        N,
-        C,
-        P,
-        int(seed_int),
-        int(offset),
-        float(gamma),
-        *moments.stride(),
-        HAS_NOISE=has_noise,
-        SAMPLE=sample,
-        HAS_GZ=grad_z is not None,
-        HAS_GZT=grad_zt is not None,
-        HAS_GKL=grad_kl is not None,
-        NEED_DT=need_dt,
-        SEED_IN_PTR=seed is not None,
-        ROUNDS=rounds,
-        ACC=_acc(moments.dtype),
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=warps,
-    )
+    t = t.contiguous()
+    e1 = eps1.contiguous() if (has_noise and sample) else dummy
+    e2 = eps2.contiguous() if (has_noise and need_dt) else dummy
+    gz = grad_z.contiguous() if grad_z is not None else dummy
+    gzt = grad_zt.contiguous() if grad_zt is not None else dummy
+    gkl = grad_kl.contiguous() if grad_kl is not None else dummy
+    for b0, nb in batch_chunks(B):
+        posterior_flow_bwd_kernel[(g0, g1, nb)](
+            moments,
+            t,
+            seed if seed is not None else dummy,
+            e1,
+            e2,
+            gz,
+            gzt,
+            gkl,
+            dmoments,
+            dt_part if need_dt else dummy,
+            N,
+            C,
+            P,
+            int(seed_int),
+            int(offset),
+            b0,
+            float(gamma),
+            *moments.stride(),
+            HAS_NOISE=has_noise,
+            SAMPLE=sample,
+            HAS_GZ=grad_z is not None,
+            HAS_GZT=grad_zt is not None,
+            HAS_GKL=grad_kl is not None,
+            NEED_DT=need_dt,
+            SEED_IN_PTR=seed is not None,
+            ROUNDS=rounds,
+            ACC=_acc(moments.dtype),
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
     return dmoments, (dt_part.sum(1).to(t.dtype) if need_dt else dt_out)
 
 
