@@ -325,7 +325,7 @@ def _free_port() -> int:
 def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from rectok_fast.train.common import _StopSignals
+    from rectok_fast.train.common import _all_ok, _StopSignals
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -334,6 +334,7 @@ def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
             if rank == 1:
                 s.signum = int(signal.SIGTERM)  # only rank 1 got the signal
             seen.append(s.requested())
+        seen += [_all_ok(True), _all_ok(rank != 0)]  # a failed write on rank 0 is known to rank 1 too
         with open(os.path.join(out, f"r{rank}.json"), "w") as f:
             json.dump(seen, f)
     finally:
@@ -341,10 +342,11 @@ def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ranks_agree_on_stopping(tmp_path):
-    """One rank's signal stops every rank after the same step (the FSDP save is a collective)."""
+    """One rank's signal stops every rank after the same step (the FSDP save is a collective), and a
+    checkpoint write that failed on the main rank fails on every rank (no rank left in a barrier)."""
     mp.spawn(_stop_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in (0, 1):
-        assert json.load(open(tmp_path / f"r{r}.json")) == [0, int(signal.SIGTERM)]
+        assert json.load(open(tmp_path / f"r{r}.json")) == [0, int(signal.SIGTERM), True, False]
 
 
 def test_resume_rejects_a_run_of_the_other_kind(tmp_path, lat):

@@ -370,15 +370,18 @@ class Trainer:
         return os.path.join(self.cfg.out, "checkpoints", "latest.pt")
 
     def save(self) -> None:
-        """Write the checkpoint on the main rank; every rank learns whether it worked (a failed write --
-        a full disk -- raises on all ranks instead of leaving the others waiting in a barrier)."""
+        self.write_checkpoint(self.state_dict)
+
+    def write_checkpoint(self, state_fn) -> None:
+        """``save_checkpoint(state_fn())`` on the main rank; every rank learns whether it worked, so a
+        failed write (a full disk) raises on all ranks instead of leaving the others in a barrier.
+        ``state_fn`` is called on the main rank only (gather a sharded state before: a collective)."""
         err: BaseException | None = None
         if self.dist.is_main:
             lg = self.cfg.log
             try:
-                state = self.state_dict()
                 save_checkpoint(
-                    state, self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every
+                    state_fn(), self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every
                 )
             except Exception as e:
                 err = e

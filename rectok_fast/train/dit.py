@@ -163,14 +163,8 @@ class DiTTrainer(Trainer):
     def save(self) -> None:
         if not self.fsdp:
             return super().save()
-        from ..utils.checkpoint import save_checkpoint
-        from ..utils.distributed import barrier
-
         state = self.state_dict()  # collective: every rank takes part in gathering the full state
-        if self.dist.is_main:
-            lg = self.cfg.log
-            save_checkpoint(state, self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every)
-        barrier()
+        self.write_checkpoint(lambda: state)  # main rank writes; a failure raises on every rank
 
     def draw_step_randomness(self, G: int) -> dict:
         """SPEC §4's times (t = 1 data; ``t = u`` when s ≤ 1), x0 (or its seed), the posterior noise
