@@ -311,6 +311,14 @@ def test_sigterm_real_process_exits_143_with_one_line(tmp_path, lat):
     assert err.strip().split("\n")[-1] == (
         f"rectok-fast train-dit: interrupted by SIGTERM: checkpoint {latest} holds step {step}; continue with --resume"
     )
+    # that checkpoint resumes bit-exactly: resumed to step + 2 == an uninterrupted run of step + 2 steps
+    from rectok_fast.config import load_config
+
+    saved = str(out / "config.yaml")
+    DiTTrainer(load_config(saved, {"resume": True, "max_steps": step + 2})).fit()
+    ref = str(tmp_path / "ref")
+    DiTTrainer(load_config(saved, {"out": ref, "max_steps": step + 2})).fit()
+    _assert_same_training_state(state_of(str(latest)), state_of(os.path.join(ref, "checkpoints", "latest.pt")))
 
 
 # ----------------------------------------------------------------------------- ranks agree
