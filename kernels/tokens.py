@@ -29,6 +29,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Integer arguments that follow the number of kept tokens K (a new mask ratio every step) are not
+# specialised (``do_not_specialize``), so a new K never compiles a new variant.
+
 # ----------------------------------------------------------------------------- rounding
 
 
@@ -62,7 +65,7 @@ def _plus_pos(v, POS_PTRS, mask, HAS_POS: tl.constexpr, FP64: tl.constexpr):
 # ----------------------------------------------------------------------------- gather
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "n_kblocks", "stride_ib"])
 def gather_tokens_fwd_kernel(
     X,  # x: (Bx, N, D), Bx in {B, 1}; strides (stride_xb, stride_xn, stride_xd), stride_xb = 0 if shared
     IDS,  # ids_keep: (B, K) int32/int64, strides (stride_ib, stride_ik)
@@ -103,7 +106,7 @@ def gather_tokens_fwd_kernel(
         tl.store(o_row + cols[None, :], _cast(v, OUT.dtype.element_ty, RTNE_BF16), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "R", "stride_ib"])
 def token_links_kernel(
     IDS,  # ids: (B, L) int32/int64, strides (stride_ib, stride_il); entries outside [0, R) have no destination
     FIRST,  # (B, R) int32 contiguous, written entirely: smallest l with ids[b, l] == r, else -1
@@ -180,7 +183,7 @@ def _next_flagged(FLAGS, b0, b1, prev, MASK: tl.constexpr, BLOCK_B: tl.constexpr
     return best
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def gather_tokens_bwd_kernel(
     GO,  # grad_out: (B, K, D), strides (stride_gb, stride_gk, stride_gd)
     FIRST,  # (B, R) int32: first source k of each destination row, -1 if none (token_links_kernel)
@@ -282,7 +285,7 @@ def gather_tokens_bwd_kernel(
 # ----------------------------------------------------------------------------- restore
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def restore_tokens_fwd_kernel(
     VIS,  # visible: (B, K, D), strides (stride_vb, stride_vk, stride_vd)
     IDS,  # ids_restore: (B, N) int32/int64, strides (stride_ib, stride_in)
@@ -329,7 +332,7 @@ def restore_tokens_fwd_kernel(
         tl.store(o_row + cols[None, :], _cast(v, OUT.dtype.element_ty, RTNE_BF16), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def restore_tokens_bwd_kernel(
     GO,  # grad_out: (B, N, D), strides (stride_gb, stride_gn, stride_gd)
     IDS,  # ids_restore: (B, N) int32/int64, strides (stride_ib, stride_in)
