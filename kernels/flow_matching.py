@@ -236,8 +236,9 @@ def flow_loss_fwd_kernel(
     X1,  # x1: (B, M), strides (stride_xb, stride_xm)
     SEED,  # seed: (1,) int64 (read when SEED_IN_PTR and not HAS_NOISE)
     X0,  # x0: (B, M) contiguous (read when HAS_NOISE)
-    PART,  # out: (B, P) fp32 contiguous, partial sums of (pred − (x1 − x0))²
+    PART,  # out: (B, P) fp32 contiguous, partial sums of (pred − (x1 − x0))² / (B·M)
     M,
+    inv_numel: tl.float64,  # 1 / (B·M): the partials are pre-scaled, the loss is their sum
     seed_int: tl.int64,
     s_off: tl.int64,
     stride_pb,
@@ -278,7 +279,7 @@ def flow_loss_fwd_kernel(
         EVEN,
     )
     sq = d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
-    tl.store(PART + b * tl.num_programs(1) + pid1, tl.sum(tl.sum(sq, axis=1), axis=0).to(tl.float32))
+    tl.store(PART + b * tl.num_programs(1) + pid1, (tl.sum(tl.sum(sq, axis=1), axis=0) * inv_numel).to(tl.float32))
 
 
 @triton.jit(do_not_specialize=_DNS)
@@ -291,7 +292,7 @@ def flow_loss_bwd_kernel(
     DPRED,  # out: (B, M) contiguous, dtype of pred (written when NEED_DPRED)
     DX1,  # out: (B, M) contiguous, dtype of x1 (written when NEED_DX1)
     M,
-    inv_numel,  # 2 / (B·M): d loss / d pred = grad · inv_numel · (pred − (x1 − x0))
+    inv_numel: tl.float64,  # 2 / (B·M): d loss / d pred = grad · inv_numel · (pred − (x1 − x0))
     seed_int: tl.int64,
     s_off: tl.int64,
     stride_pb,
@@ -332,7 +333,7 @@ def flow_loss_bwd_kernel(
         LANE,
         EVEN,
     )
-    scale = tl.load(GRAD).to(ACC) * inv_numel  # one scalar: no per-element division
+    scale = (tl.load(GRAD).to(tl.float64) * inv_numel).to(ACC)  # one scalar: no per-element division
     if NEED_DPRED:
         _store4(DPRED + b * M, m0, M, scale * d0, scale * d1, scale * d2, scale * d3, LANE, EVEN)
     if NEED_DX1:
