@@ -392,8 +392,10 @@ def posterior_flow(
         t: (B,) flow time per sample (t = 1 is pure noise); gradients flow to it.
         gamma: noise scale of the flow (1 in stage 1, 0 disables the flow noise).
         noise: optional explicit ``(eps_post, eps_flow)``, each (B, N, C) (no gradient).
-        seed: python int (a kernel scalar: no copy, no host sync, no recompile when it changes)
-            or 1-element integer tensor (read on the device; e.g. for CUDA-graph replays with a
+        seed: python int (a kernel scalar: no copy, no host sync, no kernel recompile when it
+            changes; under ``torch.compile`` dynamo treats a changing int as a graph input to
+            specialise or mark dynamic, and a CUDA graph bakes it in) or 1-element integer tensor
+            (read on the device: the choice for compiled steps and CUDA-graph replays with a
             changing seed).  Exactly one of ``noise`` / ``seed`` may be given; with neither a seed
             is drawn from torch's default generator on the device of ``moments`` (no sync).
         sample_posterior: ``z = mean + std·eps_post`` when True, ``z = mean`` otherwise.
