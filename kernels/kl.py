@@ -221,7 +221,9 @@ def kl_align_bwd_kernel(
             s, t = load_pair(S, T, rows, c, msk, stride_sm, stride_sd, stride_tm, stride_td)
             lr = ((t * inv_temp - m_t[:, None]) - log_l_t[:, None]) - ((s * inv_temp - m_s[:, None]) - log_l_s[:, None])
             cen = tl.maximum(cen, tl.max(tl.where(msk & (t * inv_temp == m_t[:, None]), lr, float("-inf")), axis=1))
-        cen = tl.where(row_ok, cen, 0.0)
+        # a non-finite centre (an infinite log-ratio at the teacher's argmax) would turn every entry
+        # NaN; centring on 0 there gives the reference's uncentred NaN/Inf pattern
+        cen = tl.where(row_ok & (tl.abs(cen) < float("inf")), cen, 0.0)
         kl = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
