@@ -9,7 +9,9 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_fa_rule(out: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor, factor: float = 2.0, atol: float = 1e-6) -> None:
+def assert_fa_rule(
+    out: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor, factor: float = 2.0, atol: float = 1e-6
+) -> None:
     """flash-attention's rule for low precision: the kernel's error against the fp32 reference is
     at most ``factor`` times the error of the same-dtype PyTorch reference (plus a tiny atol)."""
     e_kernel = max_err(out, ref_fp32)
@@ -69,3 +71,15 @@ def assert_same_nan_inf(fn, fn_ref, inputs, needs) -> tuple[torch.Tensor, list]:
         ok = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= 1e-5 * (1 + b.abs()))
         assert a.shape == b.shape and bool(ok.all()), f"{what}: {a} vs reference {b}"
     return o2, g2
+
+
+def row_pair_with_bad_values(M: int, D: int, n_bad: int, value: float, in_second: bool, masked: bool, seed: int):
+    """Two (M, D) random rows tensors with ``n_bad`` entries of the second (or first) set to ``value``
+    at random places, and an optional random (M,) bool mask: the inputs of the NaN/Inf fuzz tests."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
+    x = b if in_second else a
+    for _ in range(n_bad):
+        x[torch.randint(0, M, (1,), generator=g), torch.randint(0, D, (1,), generator=g)] = value
+    mask = (torch.rand(M, generator=g) > 0.3) if masked else None
+    return a, b, mask, g

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_fa_rule, assert_same_nan_inf
+from helpers import assert_fa_rule, assert_same_nan_inf, row_pair_with_bad_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -298,12 +298,7 @@ def test_bad_inputs(kernel_device):
 )
 def test_fuzz_nan_inf(M, D, n_bad, value, in_target, masked, margin, seed):
     """NaN/Inf (and zeros: clamped norms) at random places: forward and gradients as the reference's."""
-    g = torch.Generator().manual_seed(seed)
-    p, t = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
-    x = t if in_target else p
-    for _ in range(n_bad):
-        x[torch.randint(0, M, (1,), generator=g), torch.randint(0, D, (1,), generator=g)] = value
-    mask = (torch.rand(M, generator=g) > 0.3) if masked else None
+    p, t, mask, _ = row_pair_with_bad_values(M, D, n_bad, value, in_target, masked, seed)
     assert_same_nan_inf(
         lambda a, b: cosine_align_loss(a, b, mask, margin, grad_target=True, backend="triton"),
         lambda a, b: R.cosine_align_loss(a, b, mask, margin, grad_target=True),

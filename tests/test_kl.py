@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_fa_rule, assert_same_nan_inf
+from helpers import assert_fa_rule, assert_same_nan_inf, row_pair_with_bad_values
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -512,12 +512,8 @@ def test_kl_align_bad_inputs(kernel_device):
 )
 def test_kl_align_and_gaussian_kl_fuzz_nan_inf(M, D, n_bad, value, in_teacher, masked, seed):
     """NaN/Inf at random places: forward and gradients equal the reference's, NaN for NaN."""
-    g = torch.Generator().manual_seed(seed)
-    s, t = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
+    s, t, mask, g = row_pair_with_bad_values(M, D, n_bad, value, in_teacher, masked, seed)
     x = t if in_teacher else s
-    for _ in range(n_bad):
-        x[torch.randint(0, M, (1,), generator=g), torch.randint(0, D, (1,), generator=g)] = value
-    mask = (torch.rand(M, generator=g) > 0.3) if masked else None
     assert_same_nan_inf(
         lambda a, b: kl_align_loss(a, b, 0.7, mask, grad_target=True, backend="triton"),
         lambda a, b: R.kl_align_loss(a, b, 0.7, mask, grad_target=True),
