@@ -545,3 +545,26 @@ def test_gpu_no_sync_no_recompile_and_cuda_graph():
     seed.fill_(4)
     g.replay()
     assert torch.equal(out, posterior_flow(static, t, seed=4, backend="triton")[1])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy 0·inf, interpreter
+def test_gamma_zero_skips_the_flow_noise_exactly(kernel_device):
+    """γ = 0: z_t = (1 − t)·z whether the (finite, generated) flow noise is drawn or not; explicit
+    noise is still read, so an Inf in it propagates as through the reference (0·Inf = NaN)."""
+    B, N, C = 2, 5, 3
+    moments, t = _inputs(B, N, C, kernel_device)
+    grads = _grads(B, N, C, kernel_device)
+    out, dm, dt = _run(posterior_flow, moments, t, grads, gamma=0.0, seed=3, backend="triton")
+    ref, rdm, rdt = _run(
+        ref_posterior_flow, moments, t, grads, gamma=0.0, noise=flow_noise(3, (B, N, C), kernel_device)
+    )
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dm, rdm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dt, rdt, rtol=1e-4, atol=1e-4)
+    e1, e2 = flow_noise(3, (B, N, C), kernel_device)
+    e2[0, 0, 0] = float("inf")
+    z_t = posterior_flow(moments, t, 0.0, noise=(e1, e2), backend="triton")[1]
+    r_t = ref_posterior_flow(moments, t, 0.0, noise=(e1, e2))[1]
+    assert torch.isnan(z_t[0, 0, 0]) and torch.isnan(r_t[0, 0, 0])
+    torch.testing.assert_close(z_t, r_t, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -134,6 +134,7 @@ def _fwd_launch(moments, t, seed, seed_int, eps1, eps2, gamma, sample, offset, r
             *moments.stride(),
             HAS_NOISE=has_noise,
             SAMPLE=sample,
+            FLOW=has_noise or float(gamma) != 0.0,  # generated noise is finite: γ = 0 drops it exactly
             WRITE_Z=return_z,
             SEED_IN_PTR=seed is not None,
             ROUNDS=rounds,
@@ -193,6 +194,7 @@ def _bwd_launch(
             *moments.stride(),
             HAS_NOISE=has_noise,
             SAMPLE=sample,
+            FLOW=has_noise or float(gamma) != 0.0,  # generated noise is finite: γ = 0 drops it exactly
             HAS_GZ=grad_z is not None,
             HAS_GZT=grad_zt is not None,
             HAS_GKL=grad_kl is not None,
