@@ -435,20 +435,21 @@ def restore_tokens_bwd_kernel(
 
 
 @triton.jit
-def sum_partials_kernel(
-    PART,  # (G, M) fp32/fp64 contiguous: per-group partial sums
-    OUT,  # (M,) contiguous: sum over the G rows, cast to OUT's dtype
-    OUT2,  # (M,) contiguous: the same sum in OUT2's dtype; unused unless HAS_OUT2
+def _sum_rows(
+    PART,
+    OUT,
+    OUT2,
     G,
     M,
+    blk,
     HAS_OUT2: tl.constexpr,
-    RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
-    BLOCK_G: tl.constexpr,  # partial rows loaded per step (all of them in flight at once)
+    RTNE_BF16: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Fixed-order reduction of the backwards' batch-group partials and the cast, in one pass:
-    BLOCK_G rows per step are summed in registers, the steps in order (deterministic)."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """OUT[cols] (and OUT2) = sum over the G rows of PART (G, M) at column block ``blk``, BLOCK_G
+    rows per step summed in registers, the steps in order (deterministic)."""
+    cols = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = cols < M
     acc = tl.zeros((BLOCK_G, BLOCK), dtype=PART.dtype.element_ty)
     for g0 in range(0, G, BLOCK_G):
@@ -460,3 +461,32 @@ def sum_partials_kernel(
     tl.store(OUT + cols, _cast(tot, OUT.dtype.element_ty, RTNE_BF16), mask=msk)
     if HAS_OUT2:
         tl.store(OUT2 + cols, _cast(tot, OUT2.dtype.element_ty, RTNE_BF16), mask=msk)
+
+
+@triton.jit
+def sum_partials_kernel(
+    PART,  # (G, M) fp32/fp64 contiguous: per-group partial sums
+    OUT,  # (M,) contiguous: sum over the G rows, cast to OUT's dtype
+    OUT2,  # (M,) contiguous: the same sum in OUT2's dtype; unused unless HAS_OUT2
+    PART_B,  # (G_B, M_B) fp32/fp64 contiguous: a second, independent reduction; unused unless HAS_B
+    OUT_B,  # (M_B,) contiguous; unused unless HAS_B
+    G,
+    M,
+    G_B,
+    M_B,
+    n_blocks,  # programs of the first reduction (cdiv(M, BLOCK)); the rest do the second
+    HAS_OUT2: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RTNE_BF16: tl.constexpr,  # emulate round-to-nearest-even bf16 casts (interpreter only)
+    BLOCK_G: tl.constexpr,  # partial rows loaded per step (all of them in flight at once)
+    BLOCK: tl.constexpr,
+    BLOCK_G_B: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Fixed-order reductions of the backwards' batch-group partials and the casts, one launch for
+    one or two reductions (restore: the position and the mask-token gradients)."""
+    pid = tl.program_id(0)
+    if pid < n_blocks:
+        _sum_rows(PART, OUT, OUT2, G, M, pid, HAS_OUT2, RTNE_BF16, BLOCK_G, BLOCK)
+    elif HAS_B:
+        _sum_rows(PART_B, OUT_B, OUT_B, G_B, M_B, pid - n_blocks, False, RTNE_BF16, BLOCK_G_B, BLOCK_B)

@@ -252,23 +252,49 @@ def _links_torch(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.
     return first_tab[:, :num_rows].to(torch.int32).contiguous(), nxt.to(torch.int32), flags
 
 
-def _sum_partials(part: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> None:
-    """``out = part.reshape(-1, out.numel()).sum(0)`` (and ``out2``), summed in a fixed order and cast
-    in one kernel; ``part`` contiguous."""
+def _sum_blocks(G: int, M: int) -> tuple[int, int]:
+    """(BLOCK_G, BLOCK) of one reduction: every partial row of a column block in flight at once."""
+    block_g = min(triton.next_power_of_2(max(G, 1)), 128)
+    return block_g, max(32, min(4096 // block_g, triton.next_power_of_2(max(M, 1))))
+
+
+def _sum_partials(
+    part: torch.Tensor,
+    out: torch.Tensor,
+    out2: torch.Tensor | None = None,
+    second: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """``out = part.reshape(-1, out.numel()).sum(0)`` (and ``out2``; and ``second = (part_b, out_b)``
+    the same way), summed in a fixed order and cast, in one launch; the partials contiguous."""
     M = out.numel()
     G = part.numel() // M
-    block_g = min(triton.next_power_of_2(G), 128)  # all partial rows of a column block in flight at once
-    block = max(32, min(4096 // block_g, triton.next_power_of_2(M)))
-    sum_partials_kernel[(triton.cdiv(M, block),)](
+    bg, bm = _sum_blocks(G, M)
+    n_blocks = triton.cdiv(M, bm)
+    if second is not None:
+        part_b, out_b = second
+        M_B = out_b.numel()
+        G_B = part_b.numel() // M_B
+    else:
+        part_b, out_b, M_B, G_B = part, out, 1, 1
+    bg_b, bm_b = _sum_blocks(G_B, M_B)
+    sum_partials_kernel[(n_blocks + (triton.cdiv(M_B, bm_b) if second is not None else 0),)](
         part,
         out,
         out if out2 is None else out2,
+        part_b,
+        out_b,
         G,
         M,
+        G_B,
+        M_B,
+        n_blocks,
         HAS_OUT2=out2 is not None,
+        HAS_B=second is not None,
         RTNE_BF16=_RTNE_BF16,
-        BLOCK_G=block_g,
-        BLOCK=block,
+        BLOCK_G=bg,
+        BLOCK=bm,
+        BLOCK_G_B=bg_b,
+        BLOCK_B=bm_b,
         num_warps=4,
     )
 
@@ -454,9 +480,10 @@ def _restore_bwd(
         num_warps=_BWD_WARPS,
     )
     g_mt = torch.empty((D,), device=dev, dtype=mask_dtype)
-    _sum_partials(part_mt, g_mt)
     if has_pos:
-        _sum_partials(part_pos, g_pos)
+        _sum_partials(part_pos, g_pos, second=(part_mt, g_mt))
+    else:
+        _sum_partials(part_mt, g_mt)
     return g_vis, g_mt, g_pos
 
 
