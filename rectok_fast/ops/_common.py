@@ -110,6 +110,8 @@ def row_loss_fwd(
             HAS_WEIGHT=weight is not None,
             **meta,
         )
+    if weight is None:  # one reduction kernel, not sum + count tensor + division; M = 0 gives NaN like the reference
+        return rowloss.mean(), stats
     return rowloss.sum() / mean_count(weight, M, a.device), stats
 
 
@@ -137,7 +139,8 @@ def row_loss_bwd(
     da = torch.empty((M, D), dtype=a.dtype, device=a.device)
     db = torch.empty((M, D) if grad_target else (0,), dtype=b.dtype, device=b.device)
     if M > 0 and D > 0:
-        scale = (grad.float() / mean_count(weight, M, a.device)).contiguous()
+        count = float(M) if weight is None else mean_count(weight, M, a.device)  # a Python float: no count tensor
+        scale = (grad.float() / count).contiguous()
         meta = _tile_meta(tile, M, D, a.device)
         kernel[(triton.cdiv(M, meta["BLOCK_M"]),)](
             a,
