@@ -43,20 +43,10 @@ import os
 import triton
 import triton.language as tl
 
-#: Version of the noise stream (counter layout, transform and constants above).  Training
-#: checkpoints record it; a resume under a different version regenerates different noise.
-#: Version 1 (before 2026-12) used one Philox-4x32-10 call per element and Triton's
-#: ``tl.randn`` transform (one Box–Muller output of each pair).
-NOISE_STREAM_VERSION = 2
-
-#: Default Philox rounds of the stream.  ``PHILOX_ROUNDS_ALLOWED`` are the values the kernels accept.
-PHILOX_ROUNDS = 10
-PHILOX_ROUNDS_ALLOWED = (7, 10)
+# the stream's constants (version, rounds, lane width) live in a module without triton
+from ._stream import FM_LANE, NOISE_STREAM_VERSION, PHILOX_ROUNDS, PHILOX_ROUNDS_ALLOWED, check_rounds  # noqa: F401
 
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-
-#: Lane width ``W`` of the flow-matching counter layout (part of the stream definition).
-FM_LANE = 512
 
 # Philox-4x32 multipliers and Weyl key increments (Salmon et al. 2011, table 2)
 _M0 = tl.constexpr(0xD2511F53)
@@ -87,13 +77,6 @@ _C1 = tl.constexpr(-1.2336982200123825)
 _C2 = tl.constexpr(0.25365076412423393)
 _C3 = tl.constexpr(-0.020810653711734073)
 _C4 = tl.constexpr(0.0008582023234872671)
-
-
-def check_rounds(op: str, rounds: int) -> int:
-    """Validate a Philox round count (a Python int) for ``op``."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds not in PHILOX_ROUNDS_ALLOWED:
-        raise ValueError(f"{op}: `philox_rounds` must be one of {PHILOX_ROUNDS_ALLOWED}, got {rounds!r}")
-    return rounds
 
 
 @triton.jit

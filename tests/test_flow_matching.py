@@ -191,14 +191,14 @@ def test_opcheck(kernel_device):
     seed = torch.tensor([3], device=kernel_device)
     x0 = torch.randn(2, 3, 5, device=kernel_device)
     ops = torch.ops.rectok_fast
-    torch.library.opcheck(ops.flow_matching_xt.default, (x1, t, seed, None))
-    torch.library.opcheck(ops.flow_matching_xt.default, (x1, t, None, x0))
-    torch.library.opcheck(ops.flow_matching_loss.default, (pred, x1, seed, None))
-    torch.library.opcheck(ops.flow_matching_loss.default, (pred, x1, None, x0))
+    torch.library.opcheck(ops.flow_matching_xt_fwd.default, (x1, t, seed, None))
+    torch.library.opcheck(ops.flow_matching_xt_fwd.default, (x1, t, None, x0))
+    torch.library.opcheck(ops.flow_matching_loss_fwd.default, (pred, x1, seed, None))
+    torch.library.opcheck(ops.flow_matching_loss_fwd.default, (pred, x1, None, x0))
     g = torch.randn(2, 3, 5, device=kernel_device)
-    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1.detach(), t.detach(), seed, None))
+    torch.library.opcheck(ops.flow_matching_xt_bwd.default, (g, x1.detach(), t.detach(), seed, None))
     torch.library.opcheck(
-        ops.flow_matching_loss_backward.default,
+        ops.flow_matching_loss_bwd.default,
         (torch.tensor(1.5, device=kernel_device), pred.detach(), x1.detach(), seed, None),
     )
 
@@ -288,12 +288,12 @@ def test_opcheck_sample_offset(kernel_device):
     t = torch.rand(2, device=kernel_device, requires_grad=True)
     seed = torch.tensor([3], device=kernel_device)
     ops = torch.ops.rectok_fast
-    torch.library.opcheck(ops.flow_matching_xt.default, (x1, t, seed, None, 3))
-    torch.library.opcheck(ops.flow_matching_loss.default, (pred, x1, seed, None, 3))
+    torch.library.opcheck(ops.flow_matching_xt_fwd.default, (x1, t, seed, None, 3))
+    torch.library.opcheck(ops.flow_matching_loss_fwd.default, (pred, x1, seed, None, 3))
     g = torch.randn(2, 3, 5, device=kernel_device)
-    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1.detach(), t.detach(), seed, None, 3))
+    torch.library.opcheck(ops.flow_matching_xt_bwd.default, (g, x1.detach(), t.detach(), seed, None, 3))
     torch.library.opcheck(
-        ops.flow_matching_loss_backward.default,
+        ops.flow_matching_loss_bwd.default,
         (torch.tensor(1.5, device=kernel_device), pred.detach(), x1.detach(), seed, None, 3),
     )
 
@@ -365,12 +365,12 @@ def test_int_seed_under_compile_and_opcheck_modes(kernel_device):
     torch.testing.assert_close(f(x1, t), ref_xt(x1, t, x0), **_exact(kernel_device))
     ops = torch.ops.rectok_fast
     xg, tg = x1.clone().requires_grad_(), t.clone().requires_grad_()
-    torch.library.opcheck(ops.flow_matching_xt.default, (xg, tg, None, None, 1, -3, 7))
-    torch.library.opcheck(ops.flow_matching_loss.default, (xg, x1, None, None, 0, 2**40, 10))
+    torch.library.opcheck(ops.flow_matching_xt_fwd.default, (xg, tg, None, None, 1, -3, 7))
+    torch.library.opcheck(ops.flow_matching_loss_fwd.default, (xg, x1, None, None, 0, 2**40, 10))
     g = torch.randn(2, 4, 6, device=kernel_device)
-    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1, t, None, None, 0, 5, False, True, 10))
-    torch.library.opcheck(ops.flow_matching_xt_backward.default, (g, x1, t, None, None, 0, 5, True, False, 10))
+    torch.library.opcheck(ops.flow_matching_xt_bwd.default, (g, x1, t, None, None, 0, 5, False, True, 10))
+    torch.library.opcheck(ops.flow_matching_xt_bwd.default, (g, x1, t, None, None, 0, 5, True, False, 10))
     torch.library.opcheck(
-        ops.flow_matching_loss_backward.default,
+        ops.flow_matching_loss_bwd.default,
         (torch.tensor(1.5, device=kernel_device), x1, x1, None, None, 0, 5, True, False, 10),
     )

@@ -460,14 +460,14 @@ def test_kl_align_tile_config():
         1000: (1, 1024, False),
         64: (8, 64, True),
     }
-    real = K.compile_for_interpreter
+    real = K.triton_interpret
     try:
-        K.compile_for_interpreter = lambda: False
+        K.triton_interpret = lambda: False
         for D, (bm, bd, even) in cases.items():
             meta = K.kl_align_tile(65536, D)
             assert (meta["BLOCK_M"], meta["BLOCK_D"], meta["EVEN_D"], meta["num_warps"]) == (bm, bd, even, 1), D
     finally:
-        K.compile_for_interpreter = real
+        K.triton_interpret = real
 
 
 def test_kl_align_bad_inputs(kernel_device):

@@ -229,15 +229,15 @@ def test_opcheck(kernel_device):
     t.requires_grad_()
     seed = torch.tensor([11], device=kernel_device)
     eps = torch.randn(B, N, C, device=kernel_device)
-    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow.default, (moments, t, seed, None, None, 1.0, True))
-    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow.default, (moments, t, None, eps, eps, 0.5, False))
+    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow_fwd.default, (moments, t, seed, None, None, 1.0, True))
+    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow_fwd.default, (moments, t, None, eps, eps, 0.5, False))
     g = (
         torch.randn(B, N, C, device=kernel_device),
         torch.randn(B, N, C, device=kernel_device),
         torch.randn(B, device=kernel_device),
     )
     torch.library.opcheck(
-        torch.ops.rectok_fast.posterior_flow_backward.default,
+        torch.ops.rectok_fast.posterior_flow_bwd.default,
         (*g, moments.detach(), t.detach(), seed, None, None, 1.0, True),
     )
 
@@ -345,10 +345,10 @@ def test_opcheck_sample_offset(kernel_device):
     moments.requires_grad_()
     t.requires_grad_()
     seed = torch.tensor([11], device=kernel_device)
-    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow.default, (moments, t, seed, None, None, 1.0, True, 5))
+    torch.library.opcheck(torch.ops.rectok_fast.posterior_flow_fwd.default, (moments, t, seed, None, None, 1.0, True, 5))
     g = _grads(B, N, C, kernel_device)
     torch.library.opcheck(
-        torch.ops.rectok_fast.posterior_flow_backward.default,
+        torch.ops.rectok_fast.posterior_flow_bwd.default,
         (*g, moments.detach(), t.detach(), seed, None, None, 1.0, True, 5),
     )
 
@@ -488,11 +488,11 @@ def test_opcheck_modes(kernel_device):
     moments, t = _inputs(B, N, C, kernel_device)
     moments.requires_grad_()
     t.requires_grad_()
-    op = torch.ops.rectok_fast.posterior_flow.default
+    op = torch.ops.rectok_fast.posterior_flow_fwd.default
     torch.library.opcheck(op, (moments, t, None, None, None, 1.0, True, 2, 77, False, 7))
     torch.library.opcheck(op, (moments, t, None, None, None, 1.0, False, 0, -5, True, 10))
     gzt = torch.randn(B, N, C, device=kernel_device)
-    bop = torch.ops.rectok_fast.posterior_flow_backward.default
+    bop = torch.ops.rectok_fast.posterior_flow_bwd.default
     torch.library.opcheck(
         bop, (None, gzt, None, moments.detach(), t.detach(), None, None, None, 1.0, True, 3, 77, False, 7)
     )

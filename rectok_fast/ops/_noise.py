@@ -1,7 +1,8 @@
 """Seeds, sample offsets and the materialised noise of the in-kernel Gaussian stream.
 
-The stream itself (Philox-4x32 counters, the Box–Muller transform, its version) is defined in
-:mod:`rectok_fast.kernels.philox`; this module holds the host side shared by
+The stream itself (Philox-4x32 counters, the Box–Muller transform) is defined in
+:mod:`rectok_fast.kernels.philox`, its constants (version, rounds, lane width) in
+:mod:`rectok_fast.kernels._stream` (no triton); this module holds the host side shared by
 :mod:`rectok_fast.ops.posterior_flow` and :mod:`rectok_fast.ops.flow_matching`:
 
 * seeds: a Python ``int`` travels to the kernels as an int64 kernel scalar (no tensor, no
@@ -15,18 +16,10 @@ The stream itself (Philox-4x32 counters, the Box–Muller transform, its version
 from __future__ import annotations
 
 import torch
-import triton
 
-from rectok_fast._backend import triton_interpret
-from rectok_fast.kernels.flow_matching import flow_noise_kernel
-from rectok_fast.kernels.philox import (
-    FM_LANE,
-    NOISE_STREAM_VERSION,
-    PHILOX_ROUNDS,
-    PHILOX_ROUNDS_ALLOWED,
-    check_rounds,
-)
-from rectok_fast.kernels.posterior_flow import posterior_noise_kernel
+from .._backend import kernels, triton_interpret
+from ..kernels._stream import FM_LANE, NOISE_STREAM_VERSION, PHILOX_ROUNDS, PHILOX_ROUNDS_ALLOWED, check_rounds
+from ._launch import cdiv, next_power_of_2
 
 __all__ = [
     "FM_LANE",
@@ -114,21 +107,21 @@ def check_offset_usage(op: str, sample_offset, noise_given: bool, chosen: str) -
 def posterior_tiles(N: int, C: int, groups: int = 1024) -> tuple[int, int, int]:
     """(BLOCK_P token pairs, BLOCK_C channels, num_warps) of the posterior kernels: a function of
     the compile target (the interpreter gets big tiles to keep the program count low)."""
-    pairs = triton.next_power_of_2(max(1, (N + 1) // 2))
+    pairs = next_power_of_2(max(1, (N + 1) // 2))
     if triton_interpret():
-        block_c = min(triton.next_power_of_2(C), 1024)
+        block_c = min(next_power_of_2(C), 1024)
         return max(1, min(pairs, 8192 // block_c)), block_c, 4
     # ``groups`` Philox groups (2·groups elements) per program of 4 warps: 1024 (16 elements per
     # thread) amortise the per-thread key schedule and index math (fewest SASS per element in the
     # compile-only report; 70-170 registers depending on the mode, no spills)
-    block_c = min(triton.next_power_of_2(C), 128)
+    block_c = min(next_power_of_2(C), 128)
     return max(1, min(pairs, groups // block_c)), block_c, 4
 
 
 def posterior_grid(B: int, N: int, C: int, block_p: int, block_c: int) -> tuple[int, int, int]:
     """(pair blocks, channel blocks, partials per sample) for a (B, N, C) latent; the samples are
     grid dim 2, launched in chunks of :data:`MAX_GRID_Z` (see :func:`batch_chunks`)."""
-    nb, cb = triton.cdiv(N, 2 * block_p), triton.cdiv(C, block_c)
+    nb, cb = cdiv(N, 2 * block_p), cdiv(C, block_c)
     return nb, cb, nb * cb
 
 
@@ -144,9 +137,9 @@ def batch_chunks(B: int):
 
 def flow_rows(M: int) -> tuple[int, int]:
     """(ROWS chunks of 4·FM_LANE elements per program, num_warps) of the flow-matching kernels."""
-    chunks = triton.cdiv(max(M, 1), 4 * FM_LANE)
+    chunks = cdiv(max(M, 1), 4 * FM_LANE)
     if triton_interpret():
-        return min(triton.next_power_of_2(chunks), 8), 4
+        return min(next_power_of_2(chunks), 8), 4
     # one chunk of 4·FM_LANE = 2048 elements per program of 4 warps (16 per thread, ~70 registers);
     # two chunks save ~3 SASS per element at ~125 registers (compile-only report)
     return 1, 4
@@ -169,7 +162,7 @@ def launch_posterior_noise(
     block_p, block_c, warps = posterior_tiles(N, C)
     g0, g1, P = posterior_grid(B, N, C, block_p, block_c)
     for b0, nb in batch_chunks(B):
-        posterior_noise_kernel[(g0, g1, nb)](
+        kernels("posterior_flow").posterior_noise_kernel[(g0, g1, nb)](
             seed_t if seed_t is not None else a,
             a,
             b,
@@ -196,7 +189,7 @@ def launch_flow_noise(
     if out.numel() == 0:
         return out
     rows, warps = flow_rows(M)
-    flow_noise_kernel[(B, triton.cdiv(M, 4 * FM_LANE * rows))](
+    kernels("flow_matching").flow_noise_kernel[(B, cdiv(M, 4 * FM_LANE * rows))](
         seed_t if seed_t is not None else out,
         out,
         M,

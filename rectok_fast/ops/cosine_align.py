@@ -12,13 +12,11 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backend import resolve_triton_backend
+from .._backend import resolve_backend
+from .._constants import FLOAT_DTYPES, KERNEL_DTYPES
 from .._validate import check_same_device, check_shape, check_tensor
-from ..kernels.cosine_align import cosine_align_bwd_kernel, cosine_align_fwd_kernel
-from ._common import (
-    FLOAT_DTYPES,
+from ._rowloss import (
     flatten_rows,
-    kernel_backend,
     register_row_loss_autograd,
     row_loss_bwd,
     row_loss_bwd_fake,
@@ -39,7 +37,7 @@ def cosine_align_fwd(
     pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pred, target: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 3) fp32)."""
-    return row_loss_fwd(cosine_align_fwd_kernel, pred, target, weight, (float(margin), EPS))
+    return row_loss_fwd(("cosine_align", "cosine_align_fwd_kernel"), pred, target, weight, (float(margin), EPS))
 
 
 @cosine_align_fwd.register_fake
@@ -58,7 +56,8 @@ def cosine_align_bwd(
     grad_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad: 0-dim -> (dpred (M, D) in pred's dtype, dtarget (M, D) or (0,) when not grad_target)."""
-    return row_loss_bwd(cosine_align_bwd_kernel, grad, pred, target, weight, stats, (float(margin), EPS), grad_target)
+    kernel = ("cosine_align", "cosine_align_bwd_kernel")
+    return row_loss_bwd(kernel, grad, pred, target, weight, stats, (float(margin), EPS), grad_target)
 
 
 @cosine_align_bwd.register_fake
@@ -111,7 +110,7 @@ def cosine_align_loss(
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise TypeError(f"{OP}: `margin` must be a number, got {type(margin).__name__}")
     check_same_device(OP, pred=pred, target=target, mask=mask)
-    chosen = kernel_backend(OP, backend, resolve_triton_backend(OP, backend, pred, target, mask), pred, target)
+    chosen = resolve_backend(OP, backend, pred, target, mask, kernel_dtypes=KERNEL_DTYPES, typed=(pred, target))
     if chosen == "reference":
         return reference.cosine_align_loss(pred, target, mask, margin, grad_target=grad_target)
     p2, t2, weight = flatten_rows(pred, target, mask, grad_target)

@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from .. import reference
-from .._backend import resolve_triton_backend, triton_interpret
+from .._backend import kernels, resolve_backend, triton_interpret
+from .._constants import FLOAT_DTYPES, KERNEL_DTYPES
 from .._validate import check_same_device, check_tensor
-from ..kernels.distmat import distmat_bwd_kernel, distmat_fwd_kernel
-from ._common import FLOAT_DTYPES, kernel_backend
+from ._launch import cdiv, next_power_of_2
 
 OP = "distmat_align_loss"
 EPS = 1e-8
@@ -42,12 +41,12 @@ def distmat_tile_config(N: int, D: int, Dt: int, dtype_s=torch.bfloat16, dtype_t
     def cap_d(dtype):
         return 256 if interp else (32 if dtype == torch.float32 else 64)
 
-    block_n = max(16, min(cap_n, triton.next_power_of_2(max(N, 1))))
+    block_n = max(16, min(cap_n, next_power_of_2(max(N, 1))))
     return {
         "BLOCK_I": block_n,
         "BLOCK_J": block_n,
-        "BLOCK_D": max(16, min(cap_d(dtype_s), triton.next_power_of_2(max(D, 1)))),
-        "BLOCK_DT": max(16, min(cap_d(dtype_t), triton.next_power_of_2(max(Dt, 1)))),
+        "BLOCK_D": max(16, min(cap_d(dtype_s), next_power_of_2(max(D, 1)))),
+        "BLOCK_DT": max(16, min(cap_d(dtype_t), next_power_of_2(max(Dt, 1)))),
         "num_warps": 8,
     }
 
@@ -93,9 +92,9 @@ def distmat_align_fwd(
     if B * N == 0:
         return torch.full((), math.nan, dtype=torch.float32, device=student.device), ns, nt
     cfg = distmat_tile_config(N, D, Dt, student.dtype, teacher.dtype)
-    n_tiles = triton.cdiv(N, cfg["BLOCK_I"])
+    n_tiles = cdiv(N, cfg["BLOCK_I"])
     part = torch.empty((B, n_tiles, n_tiles), dtype=torch.float32, device=student.device)
-    distmat_fwd_kernel[(n_tiles, n_tiles, B)](
+    kernels("distmat").distmat_fwd_kernel[(n_tiles, n_tiles, B)](
         student,
         teacher,
         ns,
@@ -139,16 +138,16 @@ def distmat_align_bwd(
     if B * N == 0:
         return ds, dt
     cfg = distmat_tile_config(N, D, Dt, student.dtype, teacher.dtype)
-    items = B * triton.cdiv(N, cfg["BLOCK_I"])
+    items = B * cdiv(N, cfg["BLOCK_I"])
     nprog = _n_programs(items, student.device)
-    n_pad = triton.cdiv(N, cfg["BLOCK_J"]) * cfg["BLOCK_J"]
+    n_pad = cdiv(N, cfg["BLOCK_J"]) * cfg["BLOCK_J"]
     w_s = torch.empty((nprog, cfg["BLOCK_I"], n_pad), dtype=student.dtype, device=student.device)
     w_t = torch.empty(
         (nprog, cfg["BLOCK_I"], n_pad) if grad_target else (1,), dtype=teacher.dtype, device=student.device
     )
     # d loss / d cos_s[i, j] = sign·active / (B N²); both (i, j) and (j, i) reach row i: factor 2
     scale = (grad.float() * (2.0 / float(B * N * N))).contiguous()
-    distmat_bwd_kernel[(nprog,)](
+    kernels("distmat").distmat_bwd_kernel[(nprog,)](
         student,
         teacher,
         student_norms,
@@ -245,7 +244,7 @@ def distmat_align_loss(
         )
     check_same_device(OP, student=student, teacher=teacher)
     margin = check_margin(OP, margin)
-    chosen = kernel_backend(OP, backend, resolve_triton_backend(OP, backend, student, teacher), student, teacher)
+    chosen = resolve_backend(OP, backend, student, teacher, kernel_dtypes=KERNEL_DTYPES)
     if chosen == "reference":
         return reference.distmat_align_loss(student, teacher, margin, grad_target=grad_target)
     loss, _, _ = distmat_align_fwd(student, teacher if grad_target else teacher.detach(), margin)
@@ -260,7 +259,7 @@ def distmat_align_flops(B: int, N: int, D: int, Dt: int, *, backward: bool = Fal
     ``2·B·N²·(D + Dt)``, plus ``G·Ŝ``: ``2·B·N²·D`` (and ``2·B·N²·Dt`` with ``grad_target``).
     ``minimum`` is the same count without tile padding and with a symmetric forward."""
     cfg = distmat_tile_config(N, D, Dt)
-    T = triton.cdiv(N, cfg["BLOCK_I"])
+    T = cdiv(N, cfg["BLOCK_I"])
     pad = T * cfg["BLOCK_I"]
     fwd = 2.0 * B * (T * (T + 1) // 2) * cfg["BLOCK_I"] * cfg["BLOCK_J"] * (D + Dt)
     fwd_min = 1.0 * B * N * (N + 1) * (D + Dt)

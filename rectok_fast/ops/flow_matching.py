@@ -1,7 +1,7 @@
 """Fused DiT velocity flow matching (SPEC §4) with the noise ``x0`` generated in-kernel.
 
 Chain: :mod:`rectok_fast.kernels.flow_matching` -> launchers -> registered ops
-``rectok_fast::flow_matching_xt`` / ``rectok_fast::flow_matching_loss`` and their ``*_backward`` ops
+``rectok_fast::flow_matching_xt_fwd`` / ``_bwd`` and ``rectok_fast::flow_matching_loss_fwd`` / ``_bwd``
 (fake + autograd) -> the functionals :func:`flow_matching_xt` and :func:`flow_matching_loss`.
 
 Called with the same ``seed``, both functionals regenerate the same ``x0`` (noise stream
@@ -21,19 +21,14 @@ offset (``sample_offset != 0`` raises there).
 from __future__ import annotations
 
 import torch
-import triton
 
-from rectok_fast._backend import resolve_triton_backend
-from rectok_fast._validate import FLOAT_DTYPES, check_same_device, check_tensor
-from rectok_fast.kernels.flow_matching import (
-    flow_loss_bwd_kernel,
-    flow_loss_fwd_kernel,
-    flow_xt_bwd_kernel,
-    flow_xt_fwd_kernel,
-)
-from rectok_fast.reference.flow_matching import flow_matching_loss as _ref_loss
-from rectok_fast.reference.flow_matching import flow_matching_xt as _ref_xt
-
+from .._backend import kernels, resolve_backend
+from .._constants import FLOAT_DTYPES
+from .._validate import check_same_device, check_tensor
+from ..reference.flow_matching import flow_matching_loss as _ref_loss
+from ..reference.flow_matching import flow_matching_xt as _ref_xt
+from ._launch import acc_dtype as _acc
+from ._launch import cdiv
 from ._noise import (
     FM_LANE,
     NOISE_STREAM_VERSION,
@@ -48,7 +43,6 @@ from ._noise import (
     reference_generator,
     seed_args,
 )
-from .posterior_flow import _acc
 
 __all__ = ["NOISE_STREAM_VERSION", "flow_matching_loss", "flow_matching_noise", "flow_matching_xt"]
 
@@ -68,7 +62,7 @@ def _noise_arg(x0: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
 
 def _grid(B: int, M: int) -> tuple[tuple[int, int], int, int]:
     rows, warps = flow_rows(M)
-    return (B, triton.cdiv(M, 4 * FM_LANE * rows)), rows, warps
+    return (B, cdiv(M, 4 * FM_LANE * rows)), rows, warps
 
 
 def _seed_ptr(seed, dummy):
@@ -85,7 +79,7 @@ def _xt_fwd(x1, t, seed, x0, offset, seed_int, rounds):
     x = _rows(x1)
     B, M = x.shape
     grid, rows, warps = _grid(B, M)
-    flow_xt_fwd_kernel[grid](
+    kernels("flow_matching").flow_xt_fwd_kernel[grid](
         x,
         t.contiguous(),
         _seed_ptr(seed, out),
@@ -117,7 +111,7 @@ def _xt_bwd(grad, x1, t, seed, x0, offset, seed_int, need_dx1, need_dt, rounds):
     M = x.shape[1]
     grid, rows, warps = _grid(B, M)
     dt_part = torch.empty(grid if need_dt else (0,), device=x1.device, dtype=torch.float32)
-    flow_xt_bwd_kernel[grid](
+    kernels("flow_matching").flow_xt_bwd_kernel[grid](
         grad.contiguous(),
         x,
         t.contiguous(),
@@ -150,7 +144,7 @@ def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds):
     B, M = x.shape
     grid, rows, warps = _grid(B, M)
     part = torch.empty(grid, device=x1.device, dtype=torch.float32)
-    flow_loss_fwd_kernel[grid](
+    kernels("flow_matching").flow_loss_fwd_kernel[grid](
         p,
         x,
         _seed_ptr(seed, part),
@@ -182,7 +176,7 @@ def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, 
     p, x = _rows(pred), _rows(x1)
     B, M = x.shape
     grid, rows, warps = _grid(B, M)
-    flow_loss_bwd_kernel[grid](
+    kernels("flow_matching").flow_loss_bwd_kernel[grid](
         grad.reshape(1).to(torch.float32),
         p,
         x,
@@ -213,8 +207,8 @@ def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, 
 # ----------------------------------------------------------------------------- registered ops
 
 
-@torch.library.custom_op("rectok_fast::flow_matching_xt", mutates_args=())
-def _xt_op(
+@torch.library.custom_op("rectok_fast::flow_matching_xt_fwd", mutates_args=())
+def _xt_fwd_op(
     x1: torch.Tensor,
     t: torch.Tensor,
     seed: torch.Tensor | None,
@@ -226,12 +220,12 @@ def _xt_op(
     return _xt_fwd(x1, t, seed, x0, sample_offset, seed_int, philox_rounds)
 
 
-@_xt_op.register_fake
+@_xt_fwd_op.register_fake
 def _(x1, t, seed, x0, sample_offset=0, seed_int=0, philox_rounds=PHILOX_ROUNDS):
     return x1.new_empty(x1.shape)
 
 
-@torch.library.custom_op("rectok_fast::flow_matching_xt_backward", mutates_args=())
+@torch.library.custom_op("rectok_fast::flow_matching_xt_bwd", mutates_args=())
 def _xt_bwd_op(
     grad: torch.Tensor,
     x1: torch.Tensor,
@@ -268,11 +262,11 @@ def _xt_backward(ctx, grad):
     return (dx1 if need_dx1 else None), (dt if need_dt else None), None, None, None, None, None
 
 
-_xt_op.register_autograd(_xt_backward, setup_context=_xt_setup)
+_xt_fwd_op.register_autograd(_xt_backward, setup_context=_xt_setup)
 
 
-@torch.library.custom_op("rectok_fast::flow_matching_loss", mutates_args=())
-def _loss_op(
+@torch.library.custom_op("rectok_fast::flow_matching_loss_fwd", mutates_args=())
+def _loss_fwd_op(
     pred: torch.Tensor,
     x1: torch.Tensor,
     seed: torch.Tensor | None,
@@ -284,12 +278,12 @@ def _loss_op(
     return _loss_fwd(pred, x1, seed, x0, sample_offset, seed_int, philox_rounds)
 
 
-@_loss_op.register_fake
+@_loss_fwd_op.register_fake
 def _(pred, x1, seed, x0, sample_offset=0, seed_int=0, philox_rounds=PHILOX_ROUNDS):
     return pred.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("rectok_fast::flow_matching_loss_backward", mutates_args=())
+@torch.library.custom_op("rectok_fast::flow_matching_loss_bwd", mutates_args=())
 def _loss_bwd_op(
     grad: torch.Tensor,
     pred: torch.Tensor,
@@ -328,7 +322,7 @@ def _loss_backward(ctx, grad):
     return (dpred if need_dp else None), (dx1 if need_dx1 else None), None, None, None, None, None
 
 
-_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+_loss_fwd_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 # ----------------------------------------------------------------------------- functionals
@@ -405,15 +399,15 @@ def flow_matching_xt(
     check_flow_row(op, _per_sample(x1))
     rounds = check_rounds(op, philox_rounds)
     t = t.reshape(-1)
-    chosen = resolve_triton_backend(op, backend, x1, t)
+    chosen = resolve_backend(op, backend, x1, t)
     check_offset_usage(op, sample_offset, noise is not None, chosen)
     if chosen == "reference":
         x0 = noise if noise is not None else _reference_noise(x1, seed)
         return _ref_xt(x1, t, x0)
     if noise is not None:
-        return _xt_op(x1, t, None, noise, 0)
+        return _xt_fwd_op(x1, t, None, noise, 0)
     seed_t, seed_int = (default_seed(x1.device), 0) if seed is None else seed_args(op, seed, x1.device)
-    return _xt_op(x1, t, seed_t, None, sample_offset, seed_int, rounds)
+    return _xt_fwd_op(x1, t, seed_t, None, sample_offset, seed_int, rounds)
 
 
 def flow_matching_loss(
@@ -445,15 +439,15 @@ def flow_matching_loss(
     check_flow_row(op, _per_sample(x1))
     rounds = check_rounds(op, philox_rounds)
     t = t.reshape(-1)
-    chosen = resolve_triton_backend(op, backend, pred, x1, t)
+    chosen = resolve_backend(op, backend, pred, x1, t)
     check_offset_usage(op, sample_offset, noise is not None, chosen)
     if chosen == "reference":
         x0 = noise if noise is not None else _reference_noise(x1, seed)
         return _ref_loss(pred, x1, t, x0)
     if noise is not None:
-        return _loss_op(pred, x1, None, noise, 0)
+        return _loss_fwd_op(pred, x1, None, noise, 0)
     seed_t, seed_int = (default_seed(x1.device), 0) if seed is None else seed_args(op, seed, x1.device)
-    return _loss_op(pred, x1, seed_t, None, sample_offset, seed_int, rounds)
+    return _loss_fwd_op(pred, x1, seed_t, None, sample_offset, seed_int, rounds)
 
 
 def flow_matching_noise(
@@ -476,7 +470,7 @@ def flow_matching_noise(
         if device is not None
         else (seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu"))
     )
-    resolve_triton_backend(op, "triton", torch.empty(0, device=device))
+    resolve_backend(op, "triton", torch.empty(0, device=device))
     seed_t, seed_int = seed_args(op, seed, device)
     B = int(shape[0])
     M = 1

@@ -10,18 +10,15 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from .. import reference
-from .._backend import resolve_triton_backend
+from .._backend import kernels, resolve_backend, triton_interpret
+from .._constants import FLOAT_DTYPES, KERNEL_DTYPES
 from .._validate import check_same_device, check_shape, check_tensor
-from ..kernels.kl import gaussian_kl_bwd_kernel, gaussian_kl_fwd_kernel, kl_align_bwd_kernel, kl_align_fwd_kernel
 from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
-from ._common import (
-    FLOAT_DTYPES,
-    compile_for_interpreter,
+from ._launch import cdiv, next_power_of_2
+from ._rowloss import (
     flatten_rows,
-    kernel_backend,
     register_row_loss_autograd,
     row_loss_bwd,
     row_loss_bwd_fake,
@@ -35,12 +32,12 @@ from ._common import (
 
 def _split_config(B: int, L: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK, span, n_split, num_warps): each sample's L elements go to n_split programs of span elements."""
-    interp = compile_for_interpreter()  # the compile target decides, not the tensors' device
-    block = min(triton.next_power_of_2(max(L, 1)), 4096 if interp else 1024)
-    n_chunks = triton.cdiv(L, block)
+    interp = triton_interpret()  # the compile target decides, not the tensors' device
+    block = min(next_power_of_2(max(L, 1)), 4096 if interp else 1024)
+    n_chunks = cdiv(L, block)
     n_split = 1 if interp else min(n_chunks, max(1, 1024 // max(B, 1)))
-    span = triton.cdiv(n_chunks, n_split) * block
-    n_split = triton.cdiv(L, span)
+    span = cdiv(n_chunks, n_split) * block
+    n_split = cdiv(L, span)
     return block, span, n_split, 4 if block <= 1024 else 8  # 4 warps x 32 lanes x 8 bf16: 128-bit accesses
 
 
@@ -52,7 +49,7 @@ def gaussian_kl_fwd(mean: torch.Tensor, logvar: torch.Tensor, lo: float, hi: flo
         return torch.zeros((B,), dtype=torch.float32, device=mean.device)
     block, span, n_split, num_warps = _split_config(B, L, mean.device)
     partial = torch.empty((B, n_split), dtype=torch.float32, device=mean.device)
-    gaussian_kl_fwd_kernel[(B, n_split)](
+    kernels("kl").gaussian_kl_fwd_kernel[(B, n_split)](
         mean,
         logvar,
         partial,
@@ -88,7 +85,7 @@ def gaussian_kl_bwd(
     if B == 0 or L == 0:
         return dmean, dlogvar
     block, span, n_split, num_warps = _split_config(B, L, mean.device)
-    gaussian_kl_bwd_kernel[(B, n_split)](
+    kernels("kl").gaussian_kl_bwd_kernel[(B, n_split)](
         grad.float().contiguous(),
         mean,
         logvar,
@@ -159,8 +156,7 @@ def gaussian_kl(
     if logvar_clamp is not None:
         if len(logvar_clamp) != 2 or not float(logvar_clamp[0]) <= float(logvar_clamp[1]):
             raise ValueError(f"{op}: `logvar_clamp` must be None or (lo, hi) with lo <= hi, got {logvar_clamp!r}")
-    chosen = resolve_triton_backend(op, backend, mean, logvar)
-    chosen = kernel_backend(op, backend, chosen, mean, logvar)
+    chosen = resolve_backend(op, backend, mean, logvar, kernel_dtypes=KERNEL_DTYPES)
     if chosen == "reference":
         return reference.gaussian_kl(mean, logvar, logvar_clamp=logvar_clamp)
     B, L = mean.shape[0], math.prod(mean.shape[1:])  # reshape(B, -1) is ambiguous for B = 0
@@ -173,19 +169,19 @@ def gaussian_kl(
 
 def kl_align_tile(M: int, D: int, *, forward: bool = True) -> dict:
     """Launch meta of the kl_align kernels (``BLOCK_M``, ``BLOCK_D``, ``num_warps``, and ``EVEN_D``
-    for the forward), decided by the compile target (:func:`compile_for_interpreter`).
+    for the forward), decided by the compile target (:func:`rectok_fast._backend.triton_interpret`).
 
     GPU: one warp per program (``num_warps=1``) holding whole rows, so every row reduction of the
     online softmax is a warp shuffle (no shared memory, no barrier); D is streamed in chunks of up to
     1024 columns (32 per lane), preferring a power of two that divides D (no column masks).
     Interpreter: :func:`row_tile_config`'s large tiles (each program instance costs the same)."""
-    if compile_for_interpreter():
-        block_m, block_d, num_warps = row_tile_config(M, D, None)
+    if triton_interpret():
+        block_m, block_d, num_warps = row_tile_config(M, D)
     else:
-        block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
+        block_d = min(next_power_of_2(max(D, 1)), 1024)
         if D % block_d and (D & -D) >= 256:
             block_d = min(D & -D, 1024)  # e.g. D = 768: three chunks of 256
-        block_m = max(1, min(512 // block_d, triton.next_power_of_2(max(M, 1))))
+        block_m = max(1, min(512 // block_d, next_power_of_2(max(M, 1))))
         num_warps = 1
     meta = {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps}
     if forward:
@@ -210,7 +206,7 @@ def kl_align_fwd(
     """student, teacher: (M, D); weight: (M,) fp32 or None -> (loss 0-dim fp32, stats (M, 5) fp32)."""
     scalars = (1.0 / float(temperature), float(temperature) ** 2)
     return row_loss_fwd(
-        kl_align_fwd_kernel, student, teacher, weight, scalars, n_stats=KL_ALIGN_STATS, tile=kl_align_tile
+        ("kl", "kl_align_fwd_kernel"), student, teacher, weight, scalars, n_stats=KL_ALIGN_STATS, tile=kl_align_tile
     )
 
 
@@ -232,7 +228,7 @@ def kl_align_bwd(
     """grad: 0-dim -> (dstudent (M, D), dteacher (M, D) or (0,) when not grad_target)."""
     scalars = (1.0 / float(temperature), float(temperature))
     return row_loss_bwd(
-        kl_align_bwd_kernel, grad, student, teacher, weight, stats, scalars, grad_target, tile=_kl_align_bwd_tile
+        ("kl", "kl_align_bwd_kernel"), grad, student, teacher, weight, stats, scalars, grad_target, tile=_kl_align_bwd_tile
     )
 
 
@@ -281,8 +277,9 @@ def kl_align_loss(
         check_tensor(op, "mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES)
         check_shape(op, "mask", mask, tuple(student.shape[:-1]))
     check_same_device(op, student=student, teacher=teacher, mask=mask)
-    chosen = resolve_triton_backend(op, backend, student, teacher, mask)
-    chosen = kernel_backend(op, backend, chosen, student, teacher)
+    chosen = resolve_backend(
+        op, backend, student, teacher, mask, kernel_dtypes=KERNEL_DTYPES, typed=(student, teacher)
+    )
     if chosen == "reference":
         return reference.kl_align_loss(student, teacher, temperature, mask, grad_target=grad_target)
     s2, t2, weight = flatten_rows(student, teacher, mask, grad_target)

@@ -22,16 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import BACKENDS_CPP, record
+from .._backend import resolve_backend
+from .._constants import FLOAT_DTYPES, INDEX_DTYPES
 from .._extension import load_extension
-from .._validate import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    check_index_range,
-    check_same_device,
-    check_tensor,
-    data_checks_active,
-)
+from .._validate import check_index_range, check_same_device, check_tensor, data_checks_active
 from ..reference.patchify import patchify as _ref_patchify
 from ..reference.patchify import unpatchify as _ref_unpatchify
 
@@ -129,19 +123,18 @@ def _check_ids(
     return ids
 
 
+def _cpp_unavailable(device: torch.device) -> str | None:
+    """Why the C++ op cannot run on ``device`` (None when it can): the extension has CPU kernels,
+    and CUDA kernels when it was built with a CUDA toolkit."""
+    if not HAS_EXTENSION:
+        return "the C++ extension rectok_fast._C is not built"
+    if device.type == "cpu" or (device.type == "cuda" and HAS_CUDA_KERNELS):
+        return None
+    return f"no kernel for {device}"
+
+
 def _resolve(op: str, backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS_CPP:
-        raise ValueError(f"{op}: `backend` must be one of {BACKENDS_CPP}, got {backend!r}")
-    if backend == "reference":
-        chosen = "reference"
-    else:
-        runnable = HAS_EXTENSION and (device.type == "cpu" or (device.type == "cuda" and HAS_CUDA_KERNELS))
-        if backend == "cpp" and not runnable:
-            why = "the C++ extension rectok_fast._C is not built" if not HAS_EXTENSION else f"no kernel for {device}"
-            raise RuntimeError(f"{op}: backend='cpp' requested but {why}; use backend='reference' or 'auto'")
-        chosen = "cpp" if runnable else "reference"
-    record(op, chosen)
-    return chosen
+    return resolve_backend(op, backend, fused="cpp", unavailable=_cpp_unavailable(device))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Fused posterior sample + forward-flow interpolation + KL (SPEC §2) with in-kernel Philox noise.
 
 Chain: :mod:`rectok_fast.kernels.posterior_flow` (Triton) -> launchers below -> registered ops
-``rectok_fast::posterior_flow`` / ``rectok_fast::posterior_flow_backward`` (fake + autograd) ->
+``rectok_fast::posterior_flow_fwd`` / ``rectok_fast::posterior_flow_bwd`` (fake + autograd) ->
 the functional :func:`posterior_flow`.
 
 With ``seed`` the two noise tensors are generated inside the kernel (noise stream
@@ -31,14 +31,13 @@ Triton one (same distribution, different numbers), which cannot be offset, so it
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 
-from rectok_fast._backend import resolve_triton_backend
-from rectok_fast._moved import moved_names
-from rectok_fast._validate import FLOAT_DTYPES, check_same_device, check_tensor
-from rectok_fast.kernels.posterior_flow import posterior_flow_bwd_kernel, posterior_flow_fwd_kernel
-from rectok_fast.reference.posterior_flow import posterior_flow as _ref_posterior_flow
-
+from .._backend import kernels, resolve_backend
+from .._constants import FLOAT_DTYPES
+from .._moved import moved_names
+from .._validate import check_same_device, check_tensor
+from ..reference.posterior_flow import posterior_flow as _ref_posterior_flow
+from ._launch import acc_dtype as _acc
 from ._noise import (
     NOISE_STREAM_VERSION,
     PHILOX_ROUNDS,
@@ -66,10 +65,6 @@ _OP = "posterior_flow"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _moments_2d_safe(moments: torch.Tensor, block_p: int) -> torch.Tensor:
@@ -115,7 +110,7 @@ def _fwd_launch(moments, t, seed, seed_int, eps1, eps2, gamma, sample, offset, r
         (eps2.contiguous() if has_noise else zt),
     )
     for b0, nb in batch_chunks(B):
-        posterior_flow_fwd_kernel[(g0, g1, nb)](
+        kernels("posterior_flow").posterior_flow_fwd_kernel[(g0, g1, nb)](
             moments,
             t,
             seed if seed is not None else zt,
@@ -173,7 +168,7 @@ def _bwd_launch(
     gzt = grad_zt.contiguous() if grad_zt is not None else dummy
     gkl = grad_kl.contiguous() if grad_kl is not None else dummy
     for b0, nb in batch_chunks(B):
-        posterior_flow_bwd_kernel[(g0, g1, nb)](
+        kernels("posterior_flow").posterior_flow_bwd_kernel[(g0, g1, nb)](
             moments,
             t,
             seed if seed is not None else dummy,
@@ -212,8 +207,8 @@ def _bwd_launch(
 # ----------------------------------------------------------------------------- registered ops
 
 
-@torch.library.custom_op("rectok_fast::posterior_flow", mutates_args=())
-def _posterior_flow_op(
+@torch.library.custom_op("rectok_fast::posterior_flow_fwd", mutates_args=())
+def _posterior_flow_fwd_op(
     moments: torch.Tensor,
     t: torch.Tensor,
     seed: torch.Tensor | None,
@@ -233,7 +228,7 @@ def _posterior_flow_op(
     )
 
 
-@_posterior_flow_op.register_fake
+@_posterior_flow_fwd_op.register_fake
 def _(
     moments,
     t,
@@ -253,8 +248,8 @@ def _(
     return z, zt, moments.new_empty((B,), dtype=torch.float32)
 
 
-@torch.library.custom_op("rectok_fast::posterior_flow_backward", mutates_args=())
-def _posterior_flow_backward_op(
+@torch.library.custom_op("rectok_fast::posterior_flow_bwd", mutates_args=())
+def _posterior_flow_bwd_op(
     grad_z: torch.Tensor | None,
     grad_zt: torch.Tensor | None,
     grad_kl: torch.Tensor | None,
@@ -289,7 +284,7 @@ def _posterior_flow_backward_op(
     )
 
 
-@_posterior_flow_backward_op.register_fake
+@_posterior_flow_bwd_op.register_fake
 def _(
     grad_z,
     grad_zt,
@@ -325,7 +320,7 @@ def _backward(ctx, grad_z, grad_zt, grad_kl):
         grad_z = None
     if (grad_z is None and grad_zt is None and grad_kl is None) or not (need_dm or need_dt):
         return None, None, None, None, None, None, None, None, None, None, None
-    dmoments, dt = _posterior_flow_backward_op(
+    dmoments, dt = _posterior_flow_bwd_op(
         grad_z,
         grad_zt,
         grad_kl,
@@ -345,7 +340,7 @@ def _backward(ctx, grad_z, grad_zt, grad_kl):
     return dmoments if need_dm else None, dt, None, None, None, None, None, None, None, None, None
 
 
-_posterior_flow_op.register_autograd(_backward, setup_context=_setup_context)
+_posterior_flow_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- functionals
@@ -423,7 +418,7 @@ def posterior_flow(
     check_sample_offset(_OP, sample_offset, B)
     rounds = check_rounds(_OP, philox_rounds)
     t = t.reshape(-1)
-    chosen = resolve_triton_backend(_OP, backend, moments, t)
+    chosen = resolve_backend(_OP, backend, moments, t)
     check_offset_usage(_OP, sample_offset, noise is not None, chosen)
     if chosen == "reference":
         gen = reference_generator(seed, moments.device) if noise is None else None
@@ -433,13 +428,13 @@ def posterior_flow(
         return (z if return_z else None), zt, kl
     if noise is not None:
         eps1, eps2 = noise
-        out = _posterior_flow_op(moments, t, None, eps1, eps2, float(gamma), bool(sample_posterior), 0, 0, return_z)
+        out = _posterior_flow_fwd_op(moments, t, None, eps1, eps2, float(gamma), bool(sample_posterior), 0, 0, return_z)
     else:
         if seed is None:
             seed_t, seed_int = default_seed(moments.device), 0
         else:
             seed_t, seed_int = seed_args(_OP, seed, moments.device)
-        out = _posterior_flow_op(
+        out = _posterior_flow_fwd_op(
             moments,
             t,
             seed_t,
@@ -478,7 +473,7 @@ def flow_noise(
         if device is not None
         else (seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu"))
     )
-    resolve_triton_backend("flow_noise", "triton", torch.empty(0, device=device))
+    resolve_backend("flow_noise", "triton", torch.empty(0, device=device))
     seed_t, seed_int = seed_args("flow_noise", seed, device)
     check_sample_offset("flow_noise", sample_offset, int(shape[0]))
     rounds = check_rounds("flow_noise", philox_rounds)

@@ -17,27 +17,12 @@ token) are fp32 (fp64 for fp64 inputs) partials per group of batch rows, summed 
 from __future__ import annotations
 
 import torch
-import triton
 
-from rectok_fast._backend import resolve_triton_backend, triton_interpret
-from rectok_fast._validate import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    check_index_range,
-    check_same_device,
-    check_shape,
-    check_tensor,
-    data_checks_active,
-)
-from rectok_fast.kernels.tokens import (
-    gather_tokens_bwd_kernel,
-    gather_tokens_fwd_kernel,
-    restore_tokens_bwd_kernel,
-    restore_tokens_fwd_kernel,
-    sum_partials_kernel,
-    token_links_kernel,
-)
-from rectok_fast.reference import tokens as _ref
+from .._backend import kernels, resolve_backend, triton_interpret
+from .._constants import FLOAT_DTYPES, INDEX_DTYPES
+from .._validate import check_index_range, check_same_device, check_shape, check_tensor, data_checks_active
+from ..reference import tokens as _ref
+from ._launch import cdiv, next_power_of_2
 
 __all__ = ["gather_tokens", "restore_tokens"]
 
@@ -55,7 +40,7 @@ _MIN_ROWS_PER_GROUP = 32  # a group's fp32 partial costs 8 bytes/element: amorti
 
 
 def _block_d(D: int, cap: int = _MAX_BLOCK_D) -> int:
-    return min(triton.next_power_of_2(max(D, 1)), cap)
+    return min(next_power_of_2(max(D, 1)), cap)
 
 
 def _num_warps(block_rows: int, block_d: int) -> int:
@@ -166,8 +151,8 @@ def _gather_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | Non
     sxb = 0 if (shared and B != 1) else x3.stride(0)
     p = pos.reshape(N, D) if pos is not None else x3[0]  # dummy pointer when HAS_POS=False
     bk, bd = _BLOCK_TOKENS, _block_d(D)
-    n_kblocks = triton.cdiv(K, bk)
-    gather_tokens_fwd_kernel[(B * n_kblocks,)](
+    n_kblocks = cdiv(K, bk)
+    kernels("tokens").gather_tokens_fwd_kernel[(B * n_kblocks,)](
         x3,
         ids_keep,
         p,
@@ -212,9 +197,9 @@ def _links(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor
     first = torch.empty((B, num_rows), device=dev, dtype=torch.int32)
     nxt = torch.empty((B, L), device=dev, dtype=torch.int32)
     flags = torch.empty((B,), device=dev, dtype=torch.int32)
-    bl = triton.next_power_of_2(L)
+    bl = next_power_of_2(L)
     shift = bl.bit_length() - 1
-    token_links_kernel[(B,)](
+    kernels("tokens").token_links_kernel[(B,)](
         ids,
         first,
         nxt,
@@ -226,7 +211,7 @@ def _links(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor
         SHIFT=shift,
         KEY64=((num_rows + 1) << shift) >= 2**31,
         BLOCK_L=bl,
-        BLOCK_R=min(triton.next_power_of_2(max(num_rows, 1)), 1024),
+        BLOCK_R=min(next_power_of_2(max(num_rows, 1)), 1024),
         num_warps=4 if bl <= 1024 else 8,
     )
     return first, nxt, flags
@@ -254,8 +239,8 @@ def _links_torch(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.
 
 def _sum_blocks(G: int, M: int) -> tuple[int, int]:
     """(BLOCK_G, BLOCK) of one reduction: every partial row of a column block in flight at once."""
-    block_g = min(triton.next_power_of_2(max(G, 1)), 128)
-    return block_g, max(32, min(4096 // block_g, triton.next_power_of_2(max(M, 1))))
+    block_g = min(next_power_of_2(max(G, 1)), 128)
+    return block_g, max(32, min(4096 // block_g, next_power_of_2(max(M, 1))))
 
 
 def _sum_partials(
@@ -269,7 +254,7 @@ def _sum_partials(
     M = out.numel()
     G = part.numel() // M
     bg, bm = _sum_blocks(G, M)
-    n_blocks = triton.cdiv(M, bm)
+    n_blocks = cdiv(M, bm)
     if second is not None:
         part_b, out_b = second
         M_B = out_b.numel()
@@ -277,7 +262,7 @@ def _sum_partials(
     else:
         part_b, out_b, M_B, G_B = part, out, 1, 1
     bg_b, bm_b = _sum_blocks(G_B, M_B)
-    sum_partials_kernel[(n_blocks + (triton.cdiv(M_B, bm_b) if second is not None else 0),)](
+    kernels("tokens").sum_partials_kernel[(n_blocks + (cdiv(M_B, bm_b) if second is not None else 0),)](
         part,
         out,
         out if out2 is None else out2,
@@ -303,19 +288,19 @@ def _batch_groups(B: int, tiles: int) -> int:
     """Batch rows per program for a batch-summing backward over ``tiles`` (row, feature) tiles: enough
     programs to keep the memory system busy (``_TARGET_PROGRAMS``) while the fp32 partials (one
     (rows, D) slab per group) stay a small fraction of the bytes read."""
-    groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), B // _MIN_ROWS_PER_GROUP, B))
-    return triton.cdiv(B, groups)
+    groups = max(1, min(cdiv(_TARGET_PROGRAMS, tiles), B // _MIN_ROWS_PER_GROUP, B))
+    return cdiv(B, groups)
 
 
 def _flag_block(rows_per_group: int) -> int:
     """FLAGS entries a backward program scans per step for its irregular batch rows."""
-    return min(triton.next_power_of_2(max(rows_per_group, 1)), 256)
+    return min(next_power_of_2(max(rows_per_group, 1)), 256)
 
 
 def _per_batch_rows(B: int) -> int:
     """Batch rows per program when nothing is summed over the batch: one, unless B exceeds the grid's
     third axis (65535 programs)."""
-    return triton.cdiv(B, min(B, _MAX_GRID_Z))
+    return cdiv(B, min(B, _MAX_GRID_Z))
 
 
 def _gather_bwd(
@@ -345,12 +330,12 @@ def _gather_bwd(
     acc_dtype = torch.float64 if fp64 else torch.float32
     first, nxt, flags = _links(ids_keep, num_rows)
     bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD // 2 if fp64 else _BLOCK_D_BWD)  # fp64: half the tile (registers)
-    tiles = triton.cdiv(num_rows, bn) * triton.cdiv(D, bd)
+    tiles = cdiv(num_rows, bn) * cdiv(D, bd)
     bpg = _batch_groups(B, tiles) if sum_batch else _per_batch_rows(B)
-    groups = triton.cdiv(B, bpg)
+    groups = cdiv(B, bpg)
     part = torch.empty((groups, num_rows, D) if sum_batch else (1,), device=dev, dtype=acc_dtype)
     dst = gx if per_batch else part  # any valid pointer when PER_BATCH=False
-    gather_tokens_bwd_kernel[(triton.cdiv(num_rows, bn), triton.cdiv(D, bd), groups)](
+    kernels("tokens").gather_tokens_bwd_kernel[(cdiv(num_rows, bn), cdiv(D, bd), groups)](
         grad_out,
         first,
         nxt,
@@ -394,8 +379,8 @@ def _restore_fwd(
     # K = 0: no visible row is ever read; pass the mask token as a harmless non-empty base pointer
     vis = visible if K > 0 else mt.to(visible.dtype).reshape(1, 1, D)
     bn, bd = _BLOCK_TOKENS, _block_d(D)
-    n_nblocks = triton.cdiv(N, bn)
-    restore_tokens_fwd_kernel[(B * n_nblocks,)](
+    n_nblocks = cdiv(N, bn)
+    kernels("tokens").restore_tokens_fwd_kernel[(B * n_nblocks,)](
         vis,
         ids_restore,
         mt,
@@ -445,13 +430,13 @@ def _restore_bwd(
         return g_vis.zero_(), torch.zeros((D,), device=dev, dtype=mask_dtype), g_pos
     first, nxt, flags = _links(ids_restore, K)
     bn, bd = _BLOCK_TOKENS, _block_d(D, _BLOCK_D_BWD // 2 if fp64 else _BLOCK_D_BWD)  # fp64: half the tile (registers)
-    n_nblocks, n_dblocks = triton.cdiv(N, bn), triton.cdiv(D, bd)
+    n_nblocks, n_dblocks = cdiv(N, bn), cdiv(D, bd)
     bpg = _batch_groups(B, n_nblocks * n_dblocks)
-    groups = triton.cdiv(B, bpg)
+    groups = cdiv(B, bpg)
     part_mt = torch.empty((groups, n_nblocks, D), device=dev, dtype=acc_dtype)
     part_pos = torch.empty((groups, N, D) if has_pos else (1,), device=dev, dtype=acc_dtype)
     gv = g_vis if K > 0 else part_mt  # K = 0: every store is masked off; any valid pointer will do
-    restore_tokens_bwd_kernel[(n_nblocks, n_dblocks, groups)](
+    kernels("tokens").restore_tokens_bwd_kernel[(n_nblocks, n_dblocks, groups)](
         grad_out,
         ids_restore,
         first,
@@ -645,7 +630,7 @@ def gather_tokens(
     """
     check_tensor("gather_tokens", "x", x)
     check_tensor("gather_tokens", "ids_keep", ids_keep)
-    chosen = resolve_triton_backend("gather_tokens", backend, x, ids_keep, pos)
+    chosen = resolve_backend("gather_tokens", backend, x, ids_keep, pos)
     # shapes are checked for both paths (also while tracing under torch.compile); the index range (a
     # host sync) only here, in eager mode, unless RECTOK_FAST_CHECK_INDICES=0: the registered op never syncs
     _check_gather(x, ids_keep, pos, check_range=True)
@@ -690,7 +675,7 @@ def restore_tokens(
     check_tensor("restore_tokens", "visible", visible)
     check_tensor("restore_tokens", "ids_restore", ids_restore)
     check_tensor("restore_tokens", "mask_token", mask_token)
-    chosen = resolve_triton_backend("restore_tokens", backend, visible, ids_restore, mask_token, pos)
+    chosen = resolve_backend("restore_tokens", backend, visible, ids_restore, mask_token, pos)
     _check_restore(visible, ids_restore, mask_token, pos, check_range=True)
     if chosen == "reference":
         return _ref.restore_tokens(visible, ids_restore, mask_token, pos)
