@@ -95,10 +95,7 @@ def _triton_unavailable(backend: str, tensors: tuple[torch.Tensor | None, ...]) 
         return None
     if backend == "triton" and triton_interpret():  # how CI runs the kernels on the CPU
         return None
-    return (
-        "it needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU through the Triton "
-        "interpreter)"
-    )
+    return "it needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU through the Triton interpreter)"
 
 
 def resolve_backend(

@@ -9,8 +9,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int64, torch.int32)
+from ._constants import FLOAT_DTYPES, INDEX_DTYPES  # noqa: F401  (re-exported: defined once there)
 
 
 def check_tensor(

@@ -228,7 +228,15 @@ def kl_align_bwd(
     """grad: 0-dim -> (dstudent (M, D), dteacher (M, D) or (0,) when not grad_target)."""
     scalars = (1.0 / float(temperature), float(temperature))
     return row_loss_bwd(
-        ("kl", "kl_align_bwd_kernel"), grad, student, teacher, weight, stats, scalars, grad_target, tile=_kl_align_bwd_tile
+        ("kl", "kl_align_bwd_kernel"),
+        grad,
+        student,
+        teacher,
+        weight,
+        stats,
+        scalars,
+        grad_target,
+        tile=_kl_align_bwd_tile,
     )
 
 
@@ -277,9 +285,7 @@ def kl_align_loss(
         check_tensor(op, "mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES)
         check_shape(op, "mask", mask, tuple(student.shape[:-1]))
     check_same_device(op, student=student, teacher=teacher, mask=mask)
-    chosen = resolve_backend(
-        op, backend, student, teacher, mask, kernel_dtypes=KERNEL_DTYPES, typed=(student, teacher)
-    )
+    chosen = resolve_backend(op, backend, student, teacher, mask, kernel_dtypes=KERNEL_DTYPES, typed=(student, teacher))
     if chosen == "reference":
         return reference.kl_align_loss(student, teacher, temperature, mask, grad_target=grad_target)
     s2, t2, weight = flatten_rows(student, teacher, mask, grad_target)
