@@ -471,31 +471,52 @@ def _cpp_event(func, args, out):
 
 
 def _patch_events(name, image, tok, ids):
-    """The C++ patch ops: one copy kernel per call (csrc/patchify_cuda.cu), plus the zero-fill of the
-    whole image that ``unpatchify`` with ids_keep issues (``at::zeros``)."""
+    """The launches of one C++ patch op call on CUDA, modelled from ``csrc/patchify_cuda.cu`` (its
+    code cannot be dispatched here): ``patchify`` and ``unpatchify`` without ids are one copy kernel
+    (one 16-byte unit per thread at these shapes); ``unpatchify`` with ids (patchify's backward) is
+    either an inverse map (fill + ``inverse_ids_kernel`` + ``unpatch_from_inverse_kernel`` writing
+    every image unit once), when the source has it, or a zero-fill of the image + the copy kernel."""
+    v = 16 // tok.element_size()  # elements per 16-byte unit
+    if name == "unpatchify" and ids is not None and "unpatch_from_inverse_kernel" in _cu_source():
+        B, T = ids.shape
+        n_cells = image.shape[1] * image.shape[2] * image.shape[3] // tok.shape[2]  # (H/p)(W/p)
+        inv = B * n_cells * 4
+        return [
+            {"kind": "aten", "name": "full (inverse map, -1)", "bytes": inv, "launches": 1},
+            {"kind": "cpp", "name": "unpatchify: inverse map", "cuda_kernel": "inverse_ids_kernel",
+             "bytes": _nbytes(ids) + B * T * 4, "launches": 1, "threads": B * T},
+            {"kind": "cpp", "name": "unpatchify: image from the inverse map",
+             "cuda_kernel": "unpatch_from_inverse_kernel<uint4, int32>",
+             "bytes": _nbytes(image) + _nbytes(tok) + inv, "launches": 1, "threads": image.numel() // v},
+        ]  # fmt: skip
     ev = [
         {
             "kind": "cpp",
             "name": f"{name} (patch_copy_kernel)",
+            "cuda_kernel": f"patch_copy_kernel<uint4, int32, {'true' if name == 'patchify' else 'false'}>",
             "bytes": 2 * _nbytes(tok) + (0 if ids is None else _nbytes(ids)),
             "launches": 1,
-            "elements": tok.numel(),
-            "dtype_size": tok.element_size(),
-            "to_tokens": name == "patchify",
+            "threads": tok.numel() // v,
         }
     ]
-    if name == "unpatchify" and ids is not None and _cu_zero_fills():
+    if name == "unpatchify" and ids is not None:
         ev.insert(0, {"kind": "aten", "name": "zeros (unpatchify image)", "bytes": _nbytes(image), "launches": 1})
     return ev
 
 
-def _cu_zero_fills() -> bool:
+def _cu_source() -> str:
     try:
-        src = open(os.path.join(ROOT, "csrc", "patchify_cuda.cu")).read()
+        with open(os.path.join(ROOT, "csrc", "patchify_cuda.cu")) as f:
+            return f.read()
     except OSError:
-        return False
-    body = src[src.find("unpatchify_cuda(") :]
-    return "at::zeros" in body[: body.find("\n}\n")]
+        return ""
+
+
+def _cu_threads_per_block() -> int:
+    import re
+
+    m = re.search(r"constexpr int kThreads = (\d+)", _cu_source())
+    return int(m.group(1)) if m else 256
 
 
 class Capture:
@@ -736,14 +757,18 @@ def compile_cuda_async(tmpdir):
 
 
 def _demangle(name: str) -> str:
+    """``_ZN...17patch_copy_kernelI5uint4iLb1EEEv...`` -> ``patch_copy_kernel<uint4, int32, true>``."""
     import re
 
-    m = re.search(r"([a-z_]+_kernel)I(5uint4|5uint2|j|t)([il])Lb([01])E", name)
-    if not m:
-        return name
-    unit = {"5uint4": "uint4", "5uint2": "uint2", "j": "uint32", "t": "uint16"}[m.group(2)]
-    idx = {"i": "int32", "l": "int64"}[m.group(3)]
-    return f"{m.group(1)}<{unit}, {idx}, {'true' if m.group(4) == '1' else 'false'}>"
+    units = {"5uint4": "uint4", "5uint2": "uint2", "j": "uint32", "t": "uint16"}
+    m = re.search(r"([a-z_]+_kernel)I(5uint4|5uint2|j|t)([il])(?:Lb([01])E)?E", name)
+    if m:
+        args = [units[m.group(2)], {"i": "int32", "l": "int64"}[m.group(3)]]
+        if m.group(4) is not None:
+            args.append("true" if m.group(4) == "1" else "false")
+        return f"{m.group(1)}<{', '.join(args)}>"
+    m = re.search(r"\d+([a-z_]+_kernel)E?P", name)
+    return m.group(1) if m else name
 
 
 def finish_cuda(procs) -> dict:
@@ -776,12 +801,11 @@ def finish_cuda(procs) -> dict:
 
 
 def _cuda_kernel_for(cuda: dict, ev: dict) -> tuple[str, dict] | None:
-    """The patch_copy instantiation a bench-shape call uses: 16-byte units (p·E and W·E multiples of 16,
-    aligned allocations), int32 indices, direction by op."""
-    want = f"patch_copy_kernel<uint4, int32, {'true' if ev['to_tokens'] else 'false'}>"
+    """The instantiation a bench-shape call uses (16-byte units: p·E and W·E multiples of 16, aligned
+    allocations; int32 indices), named by the event."""
     for kernels in cuda.values():
-        if want in kernels:
-            return want, kernels[want]
+        if ev.get("cuda_kernel") in kernels:
+            return ev["cuda_kernel"], kernels[ev["cuda_kernel"]]
     return None
 
 
@@ -804,19 +828,19 @@ def op_report(name, dtn, dt, mode, spec, standin, kc, cuda) -> tuple[dict, list]
             found = _cuda_kernel_for(cuda(), ev)
             if found:
                 kname, info = found
-                units = ev["elements"] // (16 // ev["dtype_size"])
-                threads = units  # one 16-byte unit per thread, 256 threads per block
+                threads = ev["threads"]
                 instr = info.get("sass", {}).get("executed_instr_per_thread", 0.0)
                 ptx = info.get("ptxas", {})
-                blocks = math.ceil(threads / 256)
-                occ = occupancy(ptx.get("regs") or 0, 0, 8)
+                tpb = _cu_threads_per_block()
+                blocks = math.ceil(threads / tpb)
+                occ = occupancy(ptx.get("regs") or 0, 0, tpb // 32)
                 ka = {
                     "name": kname,
                     "dtype": dtn,
                     "op": name,
                     "signature": "C++ (csrc/patchify_cuda.cu)",
                     "grid": [blocks, 1, 1],
-                    "num_warps": 8,
+                    "num_warps": tpb // 32,
                     "programs": blocks,
                     "regs": ptx.get("regs"),
                     "spills": ptx.get("spills"),
