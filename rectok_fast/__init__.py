@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._backend import last_backend
 from ._extension import build_config, extension_error, load_extension
+from ._validate import trusted_indices
 
 __version__ = "0.1.0"
 
@@ -44,4 +45,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "build_info", "extension_error", "last_backend", "load_extension"]
+__all__ = ["__version__", "build_info", "extension_error", "last_backend", "load_extension", "trusted_indices"]

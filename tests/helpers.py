@@ -83,3 +83,23 @@ def row_pair_with_bad_values(M: int, D: int, n_bad: int, value: float, in_second
         x[torch.randint(0, M, (1,), generator=g), torch.randint(0, D, (1,), generator=g)] = value
     mask = (torch.rand(M, generator=g) > 0.3) if masked else None
     return a, b, mask, g
+
+
+def tiny_rectok_config(**kw):
+    """The smallest RecTok the model tests train: 16-px images, 4×4 tokens of 4 channels, width-16 trunks."""
+    from rectok_fast.models.rectok import RecTokConfig
+
+    base = dict(
+        img_size=16,
+        patch_size=4,
+        token_channels=4,
+        encoder=(16, 1, 2),
+        decoder=(16, 1, 2),
+        sem_decoder=(16, 1, 2),
+        teachers={"tiny": 8},
+    )
+    return RecTokConfig(**{**base, **kw})
+
+
+# the smallest DiT^DH: 4 channels on a 4×4 grid, one encoder and one head block of width 32, 4 classes
+TINY_DITDH = dict(in_channels=4, input_size=4, hidden_size=(32, 32), depth=(1, 1), num_heads=(2, 2), num_classes=4)

@@ -274,7 +274,7 @@ def test_training_forward_matches_pieces():
     t = torch.tensor([0.3, 0.8])
     noise = (torch.randn(B, 11, C), torch.randn(B, 11, C))
     feats = {"tiny": torch.randn(B, N, 16)}
-    out = m(x, mask=mask, t=t, noise=noise, teacher_features=feats)
+    out = m(x, mask=mask, t=t, noise=noise, teacher_features=feats, return_z=True)
     moments = m.encode(x, mask.ids_keep)
     mean, logvar = moments[..., :C], moments[..., C:].clamp(-30, 20)
     z = mean + torch.exp(0.5 * logvar) * noise[0]
@@ -336,7 +336,7 @@ def test_training_forward_runs_through_flow_noiser_and_cosine_align_loss():
     mask = m.sample_mask(B, num_kept=10)
     out = m(x, mask=mask, seed=1234, flow_backend="reference", teacher_features=feats)
     assert [c[0] for c in calls] == ["noiser", "sem"]
-    assert calls[0][1] == {"noise": None, "seed": 1234, "sample_offset": 0, "backend": "reference"}
+    assert calls[0][1] == {"noise": None, "seed": 1234, "sample_offset": 0, "backend": "reference", "return_z": False}
     # the same draw of t and of the seeded noise as the module called directly
     torch.manual_seed(9)
     out = m(x, mask=mask, seed=1234, flow_backend="reference", teacher_features=feats)

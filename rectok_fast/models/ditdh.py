@@ -18,6 +18,7 @@ Time convention: ``t = 1`` is the data end, ``t = 0`` pure noise (the tokenizer'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rectok_fast._backend import BACKENDS_TRITON
 from rectok_fast._validate import check_tensor
 from rectok_fast.nn.layers import Attention, RMSNorm, SwiGLU, swiglu_hidden
 from rectok_fast.nn.rope import eva_rope_table
@@ -78,8 +80,12 @@ class DiTDHConfig:
     use_rope: bool = True
     use_pos_embed: bool = True
     attn_backend: str | None = field(default=None, compare=False)  # see rectok_fast.nn.attention
+    # backend of the fused ops of the training objective (DiTDH.ops_backend); a runtime choice
+    ops_backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
+        if self.ops_backend not in BACKENDS_TRITON:
+            raise ValueError(f"DiTDHConfig: `ops_backend` must be one of {BACKENDS_TRITON}, got {self.ops_backend!r}")
         self.hidden_size = tuple(int(v) for v in self.hidden_size)
         self.depth = tuple(int(v) for v in self.depth)
         self.num_heads = tuple(int(v) for v in self.num_heads)
@@ -365,6 +371,25 @@ class DiTDH(nn.Module):
     @property
     def null_class(self) -> int:
         return self.config.num_classes
+
+    @property
+    def ops_backend(self) -> str:
+        """The ``backend`` of every fused op the model's training objective calls (the flow-matching
+        ``x_t`` and loss of :func:`training_loss`, unless it is given ``backend=``): ``"auto"``
+        (default: Triton on CUDA tensors, the PyTorch reference elsewhere), ``"triton"`` or
+        ``"reference"``.  The network itself runs no fused op.  Initially ``config.ops_backend``."""
+        return self.config.ops_backend
+
+    @ops_backend.setter
+    def ops_backend(self, backend: str) -> None:
+        if backend not in BACKENDS_TRITON:
+            raise ValueError(f"DiTDH: `ops_backend` must be one of {BACKENDS_TRITON}, got {backend!r}")
+        if backend != self.config.ops_backend:  # a copy: a config shared with another model is left alone
+            self.config = dataclasses.replace(self.config, ops_backend=backend)
+
+    def training_loss(self, x1: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """:func:`training_loss` of this (unwrapped) model: ``model.training_loss(x1, y, noise=x0, t=t)``."""
+        return training_loss(self, x1, y, **kwargs)
 
     # ------------------------------------------------------------------ forward
 
@@ -663,7 +688,7 @@ def training_loss(
     drop_mask: torch.Tensor | None = None,
     shift: float | None = None,
     t: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
     """One flow-matching training loss (SPEC §4), a 0-dim fp32 tensor.
@@ -688,7 +713,8 @@ def training_loss(
         shift: time shift s (None: ``model.default_shift``) of :func:`~rectok_fast.schedules.training_time`:
             ``t = 1 - s·u/(1 + (s-1)·u)``, u ~ U(0, 1), and ``t = u`` when s ≤ 1.
         t: explicit times (B,) instead of sampling them.
-        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` for the fused flow-matching ops.
+        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` for the fused flow-matching ops (None: the
+            model's :attr:`DiTDH.ops_backend`, ``"auto"`` for a model without one).
         autocast: a context manager entered around the model call only (e.g. ``torch.autocast``); ``x_t``
             and the loss are computed outside it, the prediction upcast to fp32 first.
 
@@ -699,13 +725,15 @@ def training_loss(
     if seed is not None and noise is not None:
         raise ValueError("training_loss: pass either `seed` or `noise`, not both")
     B = x1.shape[0]
+    core = getattr(model, "module", model)  # DDP / FSDP wrappers: attributes live on the wrapped module
+    if backend is None:
+        backend = getattr(core, "ops_backend", "auto")
     if seed is None and noise is None:
         fused = backend == "triton" or (backend == "auto" and x1.is_cuda)
         if fused:
             seed = torch.randint(0, 2**62, (1,), device=x1.device, dtype=torch.int64)
         else:
             noise = torch.randn_like(x1)
-    core = getattr(model, "module", model)  # DDP / FSDP wrappers: attributes live on the wrapped module
     if t is None:
         t = training_time(B, core.default_shift if shift is None else shift, device=x1.device)
     y = drop_labels(y, core.num_classes, label_drop, mask=drop_mask)

@@ -19,6 +19,8 @@ dim of ``ids_keep`` is marked dynamic (also by :meth:`Mask.rows`), so changing m
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -32,8 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._backend import BACKENDS_TRITON
+from .._validate import trusted_indices
 from ..masking import Mask, random_masking
-from ..nn.fused import SEMANTIC_TARGETS, CosineAlignLoss, FlowNoiser
+from ..nn.fused import SEMANTIC_TARGETS, CosineAlignLoss, FlowNoiser, check_backend
 from ..nn.layers import Block, RMSNorm
 from ..nn.rope import rectok_rope_table
 
@@ -62,6 +66,13 @@ NOISE_SCHEDULES = TOKENIZER_SCHEDULES  # defined once, in rectok_fast.schedules
 SEM_TARGETS = SEMANTIC_TARGETS  # defined once, in rectok_fast.nn.fused
 SEM_INPUTS = ("noisy", "clean")
 SEM_LOSSES = ("cosine", "l1", "l2")
+OPS_BACKENDS = BACKENDS_TRITON  # RecTok(ops_backend=...): "auto" | "triton" | "reference"
+
+
+def patch_backend(ops_backend: str) -> str:
+    """The ``backend`` of the C++ patch ops for a model-wide ``ops_backend`` (``"triton"`` -> ``"cpp"``:
+    the fused path of every op)."""
+    return "cpp" if ops_backend == "triton" else ops_backend
 
 
 def _size(spec: str | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
@@ -97,8 +108,11 @@ class RecTokConfig:
     qk_norm: bool = False
     scale_factor: float = 1.0
     attn_backend: str | None = None
+    # backend of every fused op the model calls (RecTok.ops_backend); a runtime choice, not architecture
+    ops_backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
+        check_backend("RecTokConfig", self.ops_backend, "ops_backend")
         if self.img_size % self.patch_size:
             raise ValueError(f"RecTok: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         for name, value, allowed in (
@@ -133,7 +147,8 @@ class RecTokOutput:
     """What the training forward returns (shapes for batch B, N tokens, K visible, C channels)."""
 
     reconstruction: torch.Tensor  # (B, 3, H, W), [-1, 1] image scale
-    z: torch.Tensor  # (B, K, C) posterior sample (or mean)
+    # (B, K, C) posterior sample; None when not computed (γ > 0, noisy semantic input, no return_z=True)
+    z: torch.Tensor | None
     z_t: torch.Tensor  # (B, K, C) flow-interpolated latents fed to the pixel decoder
     kl: torch.Tensor  # () KL summed over tokens and channels, averaged over the batch
     t: torch.Tensor | None  # (B,) flow time (None without the flow)
@@ -152,8 +167,11 @@ class RecTokOutput:
 class _Trunk(nn.Module):
     """ln_pre -> blocks (with the tokenizer RoPE) -> ln_post, shared by the three transformers."""
 
-    def __init__(self, width: int, depth: int, heads: int, grid: int, qk_norm: bool, backend: str | None):
+    def __init__(
+        self, width: int, depth: int, heads: int, grid: int, qk_norm: bool, backend: str | None, ops_backend: str
+    ):
         super().__init__()
+        self.ops_backend = ops_backend  # of the fused token/patch ops (set model-wide by RecTok.ops_backend)
         if (width // heads) % 4:
             raise ValueError(
                 f"RecTok: head dim {width // heads} (width {width} / {heads} heads) must be a multiple of 4"
@@ -178,7 +196,7 @@ class Encoder(_Trunk):
 
     def __init__(self, cfg: RecTokConfig):
         width, depth, heads = _size(cfg.encoder)
-        super().__init__(width, depth, heads, cfg.grid, cfg.qk_norm, cfg.attn_backend)
+        super().__init__(width, depth, heads, cfg.grid, cfg.qk_norm, cfg.attn_backend, cfg.ops_backend)
         self.patch_size = cfg.patch_size
         self.patch_embed = nn.Sequential(nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size))
         self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(1, cfg.num_tokens, width))
@@ -186,15 +204,15 @@ class Encoder(_Trunk):
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1]; ids_keep (B, K) or None -> moments (B, K|N, 2C)."""
-        conv = self.patch_embed[0]
-        patches = patchify(images, self.patch_size, ids_keep)  # (B, K, 3·p·p), (c, py, px) order
+        conv, be = self.patch_embed[0], self.ops_backend
+        patches = patchify(images, self.patch_size, ids_keep, backend=patch_backend(be))  # (B, K, 3·p·p), (c, py, px)
         x = F.linear(patches, conv.weight.flatten(1), conv.bias)  # (B, K, width)
         if ids_keep is None:
             x = x + self.positional_embedding
             rope = self.rope_table.unsqueeze(0)
         else:
-            x = x + gather_tokens(self.positional_embedding, ids_keep)
-            rope = gather_tokens(self.rope_table, ids_keep)  # (B, K, 2·head_dim)
+            x = x + gather_tokens(self.positional_embedding, ids_keep, backend=be)
+            rope = gather_tokens(self.rope_table, ids_keep, backend=be)  # (B, K, 2·head_dim)
         return self.latent_head(self._blocks(x, rope))
 
 
@@ -204,7 +222,7 @@ class Decoder(_Trunk):
 
     def __init__(self, cfg: RecTokConfig):
         width, depth, heads = _size(cfg.decoder)
-        super().__init__(width, depth, heads, cfg.grid, cfg.qk_norm, cfg.attn_backend)
+        super().__init__(width, depth, heads, cfg.grid, cfg.qk_norm, cfg.attn_backend, cfg.ops_backend)
         p = cfg.patch_size
         self.patch_size, self.grid = p, cfg.grid
         self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(1, cfg.num_tokens, width))
@@ -230,10 +248,10 @@ class Decoder(_Trunk):
         if ids_restore is None:
             x = x + self.positional_embedding
         else:
-            x = restore_tokens(x, ids_restore, self.mask_token, self.positional_embedding)
+            x = restore_tokens(x, ids_restore, self.mask_token, self.positional_embedding, backend=self.ops_backend)
         x = self._blocks(x, self.rope_table.unsqueeze(0))
         w, b = self._head_weight()
-        pixels = unpatchify(F.linear(x, w, b), self.patch_size, 3, self.grid)
+        pixels = unpatchify(F.linear(x, w, b), self.patch_size, 3, self.grid, backend=patch_backend(self.ops_backend))
         return self.conv_out(pixels)
 
 
@@ -242,7 +260,7 @@ class SemanticDecoder(_Trunk):
 
     def __init__(self, cfg: RecTokConfig, teacher_width: int):
         width, depth, heads = _size(cfg.sem_decoder)
-        super().__init__(width, depth, heads, cfg.grid, False, cfg.attn_backend)
+        super().__init__(width, depth, heads, cfg.grid, False, cfg.attn_backend, cfg.ops_backend)
         self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(1, cfg.num_tokens, width))
         self.token_embedding = nn.Linear(cfg.token_channels, width)
         self.mask_embedding = nn.Parameter(torch.zeros(1, 1, width))
@@ -254,7 +272,7 @@ class SemanticDecoder(_Trunk):
         if ids_restore is None:
             x = x + self.positional_embedding
         else:
-            x = restore_tokens(x, ids_restore, self.mask_embedding, self.positional_embedding)
+            x = restore_tokens(x, ids_restore, self.mask_embedding, self.positional_embedding, backend=self.ops_backend)
         return self.out(self._blocks(x, self.rope_table.unsqueeze(0)))
 
 
@@ -291,6 +309,7 @@ class RecTok(nn.Module):
         # the training forward's two chores, owned by the nn modules (no parameters, no state dict entries)
         self.noiser = FlowNoiser(gamma=config.gamma, schedule=config.noise_schedule, shift=self.timestep_shift)
         self.sem_criterion = CosineAlignLoss(config.sem_target)
+        self.ops_backend = config.ops_backend  # one backend for every fused op (see the property)
 
     # ---------------------------------------------------------------- properties
 
@@ -303,13 +322,39 @@ class RecTok(nn.Module):
         return self.config.token_channels
 
     @property
+    def ops_backend(self) -> str:
+        """The ``backend`` of every fused op the model calls: ``"auto"`` (default: the fused kernels on
+        CUDA tensors, the PyTorch reference elsewhere), ``"triton"`` (the fused path of every op —
+        Triton, and the C++ extension for patchify/unpatchify — raising where it cannot run) or
+        ``"reference"`` (PyTorch everywhere).  Assigning it reaches the patch and token ops of the
+        three transformers, :attr:`noiser` (``posterior_flow``, with the KL) and
+        :attr:`sem_criterion` (``cosine_align_loss``); ``forward(flow_backend=)`` overrides it for the
+        posterior/flow op of one call.  The initial value is ``config.ops_backend``."""
+        return self._ops_backend
+
+    @ops_backend.setter
+    def ops_backend(self, backend: str) -> None:
+        backend = check_backend("RecTok", backend, "ops_backend")
+        self._ops_backend = backend
+        for mod in self.modules():
+            if isinstance(mod, _Trunk):
+                mod.ops_backend = backend
+        self.noiser.backend = backend
+        self.sem_criterion.backend = backend
+        if self.config.ops_backend != backend:  # a copy: a config shared with another model is left alone
+            self.config = dataclasses.replace(self.config, ops_backend=backend)
+
+    @property
     def timestep_shift(self) -> float:
         """``sqrt(g·g·C/4096)`` (:func:`rectok_fast.schedules.default_shift`), the shift of the ``shift`` noise schedule."""
         return default_shift(self.grid, self.token_channels)
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"img_size={c.img_size}, patch_size={c.patch_size}, channels={c.token_channels}, teachers={list(c.teachers)}"
+        return (
+            f"img_size={c.img_size}, patch_size={c.patch_size}, channels={c.token_channels}, "
+            f"teachers={list(c.teachers)}, ops_backend={self.ops_backend!r}"
+        )
 
     # ---------------------------------------------------------------- masking
 
@@ -415,7 +460,7 @@ class RecTok(nn.Module):
         C = self.token_channels
         if sample:
             t = torch.zeros(images.shape[0], device=images.device, dtype=torch.float32)
-            z = posterior_flow(moments, t, 0.0, sample_posterior=True)[0]
+            z = posterior_flow(moments, t, 0.0, sample_posterior=True, backend=self.ops_backend)[0]
         else:
             z = moments[..., :C]
         z = self.normalize(z)
@@ -499,8 +544,9 @@ class RecTok(nn.Module):
         noise: tuple[torch.Tensor, torch.Tensor] | None = None,
         seed: int | torch.Tensor | None = None,
         sample_offset: int = 0,
-        flow_backend: str = "auto",
+        flow_backend: str | None = None,
         teacher_features: dict[str, torch.Tensor] | None = None,
+        return_z: bool = False,
     ) -> RecTokOutput | torch.Tensor:
         """Training: masking, posterior sample, flow interpolation, both decoders and the semantic loss.
 
@@ -517,30 +563,52 @@ class RecTok(nn.Module):
             seed, sample_offset: instead of ``noise``, the seed of the in-kernel Philox noise and the
                 global index of this batch's first sample (see :func:`rectok_fast.ops.posterior_flow`:
                 a rank's slice of a global batch then draws the whole batch's numbers).
-            flow_backend: ``backend`` of :func:`rectok_fast.ops.posterior_flow` (``"auto"``: Triton on CUDA).
+            flow_backend: ``backend`` of :func:`rectok_fast.ops.posterior_flow` for this call (None:
+                :attr:`ops_backend`; the trainers' in-kernel noise mode passes ``"triton"``).
             teacher_features: name -> (B, N, width) targets; computed by the attached teachers when None.
+            return_z: also compute the posterior sample ``z`` when nothing in the forward needs it
+                (γ > 0 with ``sem_input_type="noisy"``: only ``z_t`` is used, and without this flag
+                ``posterior_flow(return_z=False)`` neither computes nor stores z; ``out.z`` is None).
 
         Returns:
             :class:`RecTokOutput` in training mode; in eval mode the reconstruction from the
             posterior mean (B, 3, H, W).
+
+        A mask drawn here (``mask=None``: ``argsort`` of random numbers, valid by construction) runs
+        the forward under :func:`rectok_fast.trusted_indices`: the ops skip their eager index-value
+        checks (host syncs).  A mask passed in is checked by each op unless the caller trusts it.
         """
         if not self.training:
             return self.decode(self.posterior_mean(self.encode(images)))
-        c = self.config
-        B = images.shape[0]
-        if mask is None and c.mask_ratio > 0:
+        trust = contextlib.nullcontext()
+        if mask is None and self.config.mask_ratio > 0:
             if torch.compiler.is_compiling():
                 raise RuntimeError(
                     "RecTok.forward under torch.compile: draw the mask outside the compiled region and pass it "
                     "in: `model(images, mask=model.sample_mask(B, device))`"
                 )
-            mask = self.sample_mask(B, images.device)
+            mask = self.sample_mask(images.shape[0], images.device)
+            trust = trusted_indices()
+        with trust:
+            return self._train_forward(
+                images, mask, t, noise, seed, sample_offset, flow_backend, teacher_features, return_z
+            )
+
+    def _train_forward(
+        self, images, mask, t, noise, seed, sample_offset, flow_backend, teacher_features, return_z
+    ) -> RecTokOutput:
+        c = self.config
+        B = images.shape[0]
         ids_keep, ids_restore = (None, None) if mask is None else mask
         moments = self.encode(images, ids_keep)
         flow = c.gamma > 0
         if t is None and not flow:
             t = torch.zeros(B, device=images.device)
-        z, z_t, t, kl = self.noiser(moments, t, noise=noise, seed=seed, sample_offset=sample_offset, backend=flow_backend)
+        # z is needed by a clean semantic input, or asked for; without flow noise it is z_t (free)
+        need_z = bool(return_z) or c.sem_input_type == "clean" or not flow
+        z, z_t, t, kl = self.noiser(
+            moments, t, noise=noise, seed=seed, sample_offset=sample_offset, backend=flow_backend, return_z=need_z
+        )
         token_mask = None
         if ids_restore is not None:
             token_mask = ids_restore >= ids_keep.shape[1]

@@ -107,7 +107,7 @@ def tokens_back(y: torch.Tensor, spatial: tuple[int, ...], d: int) -> torch.Tens
 
 
 class FlowNoiserOutput(NamedTuple):
-    z: torch.Tensor  # (B, N, C) posterior sample (or mean, or the given latent), in the input's layout
+    z: torch.Tensor | None  # (B, N, C) posterior sample (or mean, or the latent), input layout; None: return_z=False
     z_t: torch.Tensor  # (B, N, C) noised latent (``z`` itself when no flow noise is added)
     t: torch.Tensor | None  # (B,) fp32 flow times (None when no time was used)
     kl: torch.Tensor | None  # (B,) fp32 per-sample KL to N(0, I) (None for a deterministic latent)
@@ -230,6 +230,7 @@ class FlowNoiser(nn.Module):
         sample_offset: int = 0,
         generator: torch.Generator | None = None,
         backend: str | None = None,
+        return_z: bool = True,
     ) -> FlowNoiserOutput:
         """moments (B, N, 2C) (layout per ``dim``; a latent (B, N, C) with ``posterior=False``) -> :class:`FlowNoiserOutput`.
 
@@ -243,9 +244,13 @@ class FlowNoiser(nn.Module):
             sample_offset: global index of this batch's first sample (a rank's slice of a global batch
                 then draws that batch's numbers; seeded Triton path only).
             backend: overrides the module's ``backend`` for this call.
+            return_z: when False the output's ``z`` is None and, when flow noise is added in
+                ``mode="interpolate"``, nothing is computed or stored for it (``return_z=False`` of
+                :func:`rectok_fast.ops.posterior_flow`); without flow noise ``z`` *is* ``z_t``.
         """
         own = "FlowNoiser"
         backend = self.backend if backend is None else check_backend(own, backend)
+        return_z = check_bool(own, "return_z", return_z)
         x, spatial, d = tokens_last(moments, self.dim, own, "moments")
 
         def as_tokens(e, name):
@@ -255,7 +260,7 @@ class FlowNoiser(nn.Module):
         noisy = (self.training or self.noise_in_eval) and self.gamma > 0
         if not self.posterior:  # a deterministic latent: mean = z, logvar = 0, never sampled
             if not noisy:
-                return FlowNoiserOutput(moments, moments, t, None)
+                return FlowNoiserOutput(moments if return_z else None, moments, t, None)
             x = torch.cat([x, torch.zeros_like(x)], -1)
         B = x.shape[0]
         C = x.shape[-1] // 2
@@ -273,7 +278,7 @@ class FlowNoiser(nn.Module):
                 backend=backend,
             )
             z = tokens_back(z, spatial, d)
-            return FlowNoiserOutput(z, z, t, kl if self.posterior else None)
+            return FlowNoiserOutput(z if return_z else None, z, t, kl if self.posterior else None)
         if t is None:
             t = self.draw_time(B, channels=C, device=x.device, generator=generator)
         z, z_t, kl = ops.posterior_flow(
@@ -284,15 +289,15 @@ class FlowNoiser(nn.Module):
             seed=seed,
             sample_offset=sample_offset,
             sample_posterior=sample,
+            return_z=return_z or self.mode == "additive",
             backend=backend,
         )
         if self.mode == "additive":  # z + t·γ·ε = [(1 − t)·z + t·γ·ε] + t·z
             acc = torch.promote_types(z.dtype, torch.float32)
             tt = t.reshape(-1, 1, 1).to(acc)
             z_t = (z_t.to(acc) + tt * z.to(acc)).to(z.dtype)
-        return FlowNoiserOutput(
-            tokens_back(z, spatial, d), tokens_back(z_t, spatial, d), t, kl if self.posterior else None
-        )
+        z = tokens_back(z, spatial, d) if return_z else None
+        return FlowNoiserOutput(z, tokens_back(z_t, spatial, d), t, kl if self.posterior else None)
 
     def extra_repr(self) -> str:
         return (

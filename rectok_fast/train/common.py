@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..config import RunConfig, lr_for, save_config, steps_per_epoch, to_dict, total_steps
 from ..data.sampler import build_loader, set_loader_epoch, slot_offset
 from ..errors import CheckpointError, ConfigError, RunDirError, TrainingInterrupted
-from ..utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from ..ops import noise_stream_info
+from ..utils.checkpoint import NOISE_STREAM_KEY, check_noise_stream, load_latest_checkpoint, save_checkpoint
 from ..utils.distributed import DistInfo, MetricAccumulator, barrier, init_distributed
 from ..utils.ema import EMA, _unwrap
 from ..utils.log import MetricLogger, Progress, setup_logging, truncate_metrics
@@ -362,6 +363,7 @@ class Trainer:
                 f"--resume: {path} does not match this run's config (model or optimizer differ: {first})"
             ) from e
         self._saved_step = self.step
+        check_noise_stream(state, noise_stream_info(), mode=self.noise_mode, path=path)
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -380,8 +382,10 @@ class Trainer:
         if self.dist.is_main:
             lg = self.cfg.log
             try:
+                # every checkpoint records the noise stream: a resume under another one warns (check_noise_stream)
+                state = {**state_fn(), NOISE_STREAM_KEY: noise_stream_info(), "noise_mode": self.noise_mode}
                 save_checkpoint(
-                    state_fn(), self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every
+                    state, self.cfg.out, self.step, keep_last=lg.keep_last, milestone_every=lg.milestone_every
                 )
             except Exception as e:
                 err = e

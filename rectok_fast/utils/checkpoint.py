@@ -614,3 +614,37 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: str, metadata:
             f.write(data)
 
     _atomic_write(path, write, ".safetensors")
+
+
+# ----------------------------------------------------------------------------- noise-stream record
+
+NOISE_STREAM_KEY = "noise_stream"
+"""Key of a training checkpoint's record of the in-kernel noise stream (``rectok_fast.ops.noise_stream_info()``)."""
+
+
+class NoiseStreamWarning(UserWarning):
+    """A resumed checkpoint was written under another in-kernel noise stream (or records none)."""
+
+
+def check_noise_stream(state: dict, current: dict, *, mode: str | None = None, path: str = "") -> bool:
+    """Compare the noise stream a training checkpoint recorded (``state["noise_stream"]``, written from
+    :func:`rectok_fast.ops.noise_stream_info`: stream version and Philox rounds) with ``current``.
+
+    When it differs, or the checkpoint records none, warn once (one :class:`NoiseStreamWarning` and one
+    log line): the same seeds now give other noise, so the resumed run is not bit-exact with the
+    original one.  ``mode``: this run's noise mode; when it and the recorded ``state["noise_mode"]`` are
+    both ``"materialized"`` the in-kernel stream never reached the loss and nothing is compared.
+    Returns True when the streams match (or do not matter)."""
+    if mode == "materialized" and state.get("noise_mode") == "materialized":
+        return True
+    recorded = state.get(NOISE_STREAM_KEY)
+    if isinstance(recorded, dict) and dict(recorded) == dict(current):
+        return True
+    what = "records no noise stream" if recorded is None else f"was written under noise stream {recorded}"
+    msg = (
+        f"resuming {path or 'a checkpoint'}: it {what}, this build's in-kernel noise stream is {dict(current)}; "
+        "the noise from here on differs from the original run's (resume is not bit-exact across noise-stream versions)"
+    )
+    logger.warning(msg)
+    warnings.warn(msg, NoiseStreamWarning, stacklevel=2)
+    return False
