@@ -28,10 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._constants import IMAGENET_MEAN, IMAGENET_STD
 from ..nn.layers import Block, RMSNorm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TOKENIZER_PATCH = 16
 
 DEFAULT_SOURCES = {

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from rectok_fast._validate import check_same_device, check_tensor
 from rectok_fast.schedules import time_grid  # the shifted grid of SPEC §4 (re-exported here)
+from rectok_fast.utils.modules import unwrap
 
 __all__ = ["METHODS", "guided_velocity", "sample", "time_grid"]
 
@@ -35,7 +36,7 @@ GUIDANCES = (None, "none", "cfg", "autoguidance")
 
 
 def _null_labels(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    num_classes = getattr(getattr(model, "module", model), "num_classes", None)
+    num_classes = getattr(unwrap(model), "num_classes", None)
     if num_classes is None:
         raise ValueError("sample: guidance='cfg' needs a model with a `num_classes` attribute (null class index)")
     return torch.full_like(y, num_classes)
@@ -153,7 +154,7 @@ def sample(
     if not lo <= hi:
         raise ValueError(f"sample: `interval` must be (lo, hi) with lo <= hi, got {interval}")
     if shift is None:
-        shift = float(getattr(getattr(model, "module", model), "default_shift", 1.0))
+        shift = float(getattr(unwrap(model), "default_shift", 1.0))
 
     grid_host = time_grid(steps + 1, shift, dtype=torch.float64).tolist()
     grid = time_grid(steps + 1, shift, device=noise.device, dtype=torch.float32)

@@ -7,35 +7,17 @@ The model builders and loaders moved to :mod:`rectok_fast.models.loading` (``bui
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import torch
 
+from .._moved import moved_names
 from ..config import ModelConfig
 from ..models.loading import teacher_width as _teacher_width
 from ..models.teachers import load_teacher
 
-_MOVED = {
-    "DEFAULT_TEACHER_WIDTH": "rectok_fast.models.loading",
-    "teacher_width": "rectok_fast.models.loading",
-    "build_rectok": "rectok_fast.models.loading",
-    "build_ditdh": "rectok_fast.models.loading",
-    "load_tokenizer": "rectok_fast.models.loading",
-    "load_dit": "rectok_fast.models.loading",
-    "write_json": "rectok_fast.utils",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(
-            f"rectok_fast.train.builders.{name} moved to {_MOVED[name]}.{name}; import it from there",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_LOADING = ("DEFAULT_TEACHER_WIDTH", "teacher_width", "build_rectok", "build_ditdh", "load_tokenizer", "load_dit")
+__getattr__ = moved_names(
+    __name__, {**dict.fromkeys(_LOADING, "rectok_fast.models.loading"), "write_json": "rectok_fast.utils"}
+)
 
 
 def build_teacher(mc: ModelConfig, device: torch.device, image_size: int):

@@ -19,16 +19,19 @@ import os
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, to_dict
 from ..data.datasets import build_image_dataset
 from ..data.latents import LatentCacheDataset
 from ..errors import ConfigError, DataError
 from ..models.ditdh import label_drop_mask, training_loss
 from ..models.loading import build_ditdh, load_dit, load_tokenizer
 from ..ops.posterior_flow import posterior_flow
+from ..sampling import sample
 from ..schedules import training_time
-from ..utils.ema import EMA, _unwrap
+from ..utils.ema import EMA
 from ..utils.images import save_grid
+from ..utils.modules import unwrap
+from ..utils.rng import get_rng_state, set_rng_state
 from .cli_common import run_training_cli
 from .common import Trainer
 
@@ -77,7 +80,7 @@ class DiTTrainer(Trainer):
         self.ema = EMA(model, cfg.optim.ema_decay)
         self.fsdp = cfg.distributed == "fsdp" and self.dist.distributed
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard  # FSDP runs only: torch.distributed is heavy to import
 
             for blk in model.blocks:
                 fully_shard(blk)
@@ -117,16 +120,13 @@ class DiTTrainer(Trainer):
     def state_dict(self) -> dict:
         if not self.fsdp:
             return super().state_dict()
-        from torch.distributed.checkpoint.state_dict import (
+        from torch.distributed.checkpoint.state_dict import (  # FSDP runs only (heavy import)
             StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        from ..config import to_dict
-        from ..utils.rng import get_rng_state
-
         state = {
             "step": self.step,
             "epoch": self.epoch,
@@ -145,13 +145,11 @@ class DiTTrainer(Trainer):
     def load_state_dict(self, state: dict) -> None:
         if not self.fsdp:
             return super().load_state_dict(state)
-        from torch.distributed.checkpoint.state_dict import (
+        from torch.distributed.checkpoint.state_dict import (  # FSDP runs only (heavy import)
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
-
-        from ..utils.rng import set_rng_state
 
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=opts)
@@ -219,8 +217,6 @@ class DiTTrainer(Trainer):
         """Class-conditional samples from the EMA model decoded by the tokenizer, [0, 1] (n, 3, H, W)."""
         if self.tokenizer is None:
             return None
-        from ..sampling import sample
-
         g = torch.Generator(device=self.device).manual_seed(0)
         noise = torch.randn(n, self.channels, self.grid, self.grid, device=self.device, generator=g)
         y = torch.arange(n, device=self.device) % self.num_classes
@@ -239,7 +235,7 @@ class DiTTrainer(Trainer):
     def export(self) -> str:
         path = os.path.join(self.cfg.out, "export")
         if self.dist.is_main:
-            _unwrap(self.ema.module).save_pretrained(path)
+            unwrap(self.ema.module).save_pretrained(path)
         return path
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._constants import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "ConvNeXtLogitLoss",
     "LPIPS",
@@ -32,8 +34,6 @@ __all__ = [
 VGG16_FILE = "vgg16-397923af.pth"
 CONVNEXT_S_FILE = "convnext_small-0c510722.pth"
 LPIPS_LIN_FILE = "vgg.pth"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MissingWeightsError(FileNotFoundError):

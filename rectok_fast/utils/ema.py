@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from .modules import unwrap
+
 
 class EMA(nn.Module):
     """``shadow = decay·shadow + (1 - decay)·param`` after every optimizer step.
@@ -45,11 +47,5 @@ class EMA(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and not isinstance(model, EMA):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    """:func:`rectok_fast.utils.modules.unwrap` that stops at an :class:`EMA` (whose ``.module`` is its shadow)."""
+    return unwrap(model, keep=(EMA,))
