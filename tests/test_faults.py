@@ -47,6 +47,13 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
             assert torch.equal(oa[i][s], ob[i][s])
 
 
+def _dit_argv(out: str, lat: str) -> list[str]:
+    """``rectok-fast train-dit`` on the tiny DiT of tests/pipeline_helpers.py."""
+    argv = ["train-dit", "--out", out, f"data.latents={lat}", "device=cpu", "model.latent_channels=8"]
+    argv += ["model.extra.hidden_size=[32,48]", "model.extra.depth=[1,1]", "model.extra.num_heads=[2,2]"]
+    return argv + ["optim.total_steps=50", "optim.amp=none", "data.global_batch_size=8", "log.progress=false"]
+
+
 @pytest.fixture(scope="module")
 def lat(tmp_path_factory):
     return synthetic_latent_cache(str(tmp_path_factory.mktemp("lat") / "lat"))
@@ -148,9 +155,7 @@ def test_full_disk_is_named_and_the_previous_checkpoint_stays(tmp_path, monkeypa
 
 def test_full_disk_during_training_is_one_line(tmp_path, monkeypatch, lat, capsys):
     out = str(tmp_path / "run")
-    argv = ["train-dit", "--out", out, f"data.latents={lat}", "device=cpu", "model.latent_channels=8"]
-    argv += ["model.extra.hidden_size=[32,48]", "model.extra.depth=[1,1]", "model.extra.num_heads=[2,2]"]
-    argv += ["optim.total_steps=50", "optim.amp=none", "data.global_batch_size=8", "log.progress=false"]
+    argv = _dit_argv(out, lat)
     argv += ["log.ckpt_every=1", "--max-steps", "1"]
     assert cli.main(argv) == 0
     _enospc_after(monkeypatch, 5000)
@@ -250,9 +255,7 @@ def test_sigterm_checkpoint_resumes_bit_exactly(tmp_path, monkeypatch, lat):
 
 def test_sigint_through_the_cli_exits_130_with_one_line(tmp_path, monkeypatch, lat, capsys):
     out = str(tmp_path / "run")
-    argv = ["train-dit", "--out", out, f"data.latents={lat}", "device=cpu", "model.latent_channels=8"]
-    argv += ["model.extra.hidden_size=[32,48]", "model.extra.depth=[1,1]", "model.extra.num_heads=[2,2]"]
-    argv += ["optim.total_steps=50", "optim.amp=none", "data.global_batch_size=8", "log.progress=false"]
+    argv = _dit_argv(out, lat)
     _signal_at(monkeypatch, 2, signal.SIGINT)
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
@@ -280,10 +283,7 @@ def test_sigterm_real_process_exits_143_with_one_line(tmp_path, lat):
     """SIGTERM (a cluster's preemption) to the process group of the real ``rectok-fast train-dit`` process,
     its DataLoader worker included (which leaves the signal to the main process)."""
     out = tmp_path / "run"
-    args = ["train-dit", "--out", str(out), f"data.latents={lat}", "device=cpu", "model.latent_channels=8"]
-    args += ["model.extra.hidden_size=[32,48]", "model.extra.depth=[1,1]", "model.extra.num_heads=[2,2]"]
-    args += ["optim.total_steps=100000", "optim.amp=none", "data.global_batch_size=8", "log.progress=false"]
-    args += ["log.log_every=1", "data.num_workers=1"]
+    args = [*_dit_argv(str(out), lat), "optim.total_steps=100000", "log.log_every=1", "data.num_workers=1"]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rectok_fast.cli", *args],
