@@ -93,6 +93,7 @@ def test_overrides_after_options_are_parsed(tmp_path, capsys):
         ("data.image_size=big", "data.image_size"),
         ("novalue", "key=value"),
         ("optim.betas=[0.9", "optim.betas"),
+        ("data.embedded_len=4", "smaller than one global batch"),
     ],
 )
 def test_bad_override_is_one_line(tmp_path, capsys, override, needle):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import DataError
+
 
 def slot_offset(micro_index: int, rank: int, world: int, micro: int) -> int:
     """Position of a rank's micro-batch inside the global batch."""
@@ -33,8 +35,9 @@ class DistributedGlobalBatchSampler(Sampler[int]):
         seed: int = 0,
     ):
         if dataset_len < micro_batch * world * accum:
-            raise ValueError(
-                f"dataset of {dataset_len} samples is smaller than one global batch ({micro_batch}×{world}×{accum})"
+            raise DataError(
+                f"dataset of {dataset_len} samples is smaller than one global batch ({micro_batch}×{world}×{accum}): "
+                "lower data.global_batch_size or use more data"
             )
         self.n, self.micro, self.rank, self.world, self.accum = dataset_len, micro_batch, rank, world, accum
         self.shuffle, self.seed = shuffle, seed
