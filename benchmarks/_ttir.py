@@ -17,6 +17,7 @@ import re
 from ._sass import eval_trip, for_loops
 
 _ELT = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "i1": 1, "u8": 1}
+_PTR_OPS = ("tt.addptr", "tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans", "ttg.convert_layout")
 _RE_DEF = re.compile(r"^\s*(%[\w]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
 _RE_LOCDEF = re.compile(r"^(#loc\d*)\s*=\s*loc\((.*)\)\s*$")
 _RE_PTRTYPE = re.compile(r"(?:tensor<([\dx]+)x)?!tt\.ptr<(\w+)>")
@@ -58,7 +59,7 @@ def accesses(ttir: str, arg_names: list[str], values: dict, programs: int, hints
     hints = hints or {}
     lines = ttir.splitlines()
     locs = _resolve_locs(lines)
-    defs: dict[str, tuple[str, list[str]]] = {}
+    defs: dict[str, list[tuple[int, str, list[str]]]] = {}
     alias: dict[str, str] = {}  # loop-carried block arg -> init value
     func_args: dict[str, str] = {}  # SSA name of a kernel argument -> parameter name
     for ln in lines:
@@ -67,44 +68,33 @@ def accesses(ttir: str, arg_names: list[str], values: dict, programs: int, hints
             for i, a in enumerate(re.findall(r"(%[\w]+):\s*[!\w]", sig)):
                 func_args[a] = arg_names[i] if re.match(r"%arg\d+$", a) and i < len(arg_names) else a[1:]
             break
-    for ln in lines:
+    for i, ln in enumerate(lines):
         if m := _RE_DEF.match(ln):
             name, op, rest = m.groups()
             operands = re.findall(r"%[\w]+", rest.split(" : ")[0].split(" loc(")[0])
-            defs[name] = (op, operands)
+            defs.setdefault(name, []).append((i, op, operands))  # MLIR reuses names in sibling regions
             if op == "scf.for":
                 for a, b in re.findall(
                     r"(%[\w]+)\s*=\s*(%[\w]+)", rest.split("iter_args", 1)[-1] if "iter_args" in rest else ""
                 ):
                     alias[a] = b
 
-    def base_arg(v: str, depth=0) -> str | None:
+    def base_arg(v: str, at: int, depth=0) -> str | None:
+        """The kernel argument the pointer value ``v`` (used at line ``at``) is derived from."""
         if depth > 200:
             return None
         if v in alias:
-            return base_arg(alias[v], depth + 1)
+            return base_arg(alias[v], at, depth + 1)
         if v in func_args:
             return func_args[v]
-        d = defs.get(v)
-        if d is None:
+        cands = [d for d in defs.get(v, ()) if d[0] <= at]
+        if not cands:
             return None
-        op, ops = d
+        line, op, ops = max(cands)  # the nearest definition before the use
         if op == "arith.select" and len(ops) >= 3:
-            return base_arg(ops[1], depth + 1) or base_arg(ops[2], depth + 1)
-        if (
-            op
-            in (
-                "tt.addptr",
-                "tt.splat",
-                "tt.broadcast",
-                "tt.expand_dims",
-                "tt.reshape",
-                "tt.trans",
-                "ttg.convert_layout",
-            )
-            and ops
-        ):
-            return base_arg(ops[0], depth + 1)
+            return base_arg(ops[1], line, depth + 1) or base_arg(ops[2], line, depth + 1)
+        if op in _PTR_OPS and ops:
+            return base_arg(ops[0], line, depth + 1)
         return None
 
     out: dict[str, dict[str, float]] = {}
@@ -136,7 +126,7 @@ def accesses(ttir: str, arg_names: list[str], values: dict, programs: int, hints
             m = re.search(r"(tt\.load|tt\.store)\s+(%[\w]+)", s)
             ty = _RE_PTRTYPE.search(s.split(" : ")[-1])
             if m and ty:
-                arg = base_arg(m.group(2))
+                arg = base_arg(m.group(2), i)
                 if arg is not None:
                     shape, elt = ty.groups()
                     n = 1
