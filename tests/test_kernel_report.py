@@ -141,3 +141,32 @@ def test_sass_loop_counting(tmp_path):
     assert r["global_load_widths"] == ["LDG.E.128"] and r["global_store_widths"] == ["STG.E.64"]
     (loop,) = [lp for lp in r["loops"] if lp["python"]]
     assert loop["trip"] == trips and loop["trip_from"] == "args"
+
+
+def test_ttir_accesses_follow_the_nearest_definition(tmp_path):
+    """Bytes per pointer argument from TTIR: loop trips multiply, and an SSA name MLIR reuses in a
+    sibling region resolves to its nearest preceding definition."""
+    sys.path.insert(0, ROOT)
+    from benchmarks._ttir import accesses
+
+    src = tmp_path / "k.py"
+    src.write_text("def k(A, B, n):\n    for i in range(0, n):\n        pass\n")
+    ttir = f"""#loc = loc("{src}":1:0)
+#loc2 = loc("{src}":2:4)
+module {{
+  tt.func public @k(%A: !tt.ptr<f32> loc(#loc), %B: !tt.ptr<bf16> loc(#loc), %n: i32 loc(#loc)) {{
+    scf.if %c {{
+      %5 = tt.splat %A : !tt.ptr<f32> -> tensor<128x!tt.ptr<f32>> loc(#loc)
+      %6 = tt.load %5 : tensor<128x!tt.ptr<f32>> loc(#loc)
+    }} loc(#loc)
+    scf.for %i = %c0 to %n step %c1 : i32 {{
+      %5 = tt.splat %B : !tt.ptr<bf16> -> tensor<64x!tt.ptr<bf16>> loc(#loc)
+      tt.store %5, %x : tensor<64x!tt.ptr<bf16>> loc(#loc)
+    }} loc(#loc2)
+    tt.return loc(#loc)
+  }} loc(#loc)
+}} loc(#loc)
+"""
+    got = accesses(ttir, ["A", "B", "n"], {"n": 10}, programs=3)
+    assert got["A"] == {"load": 128 * 4 * 3, "store": 0.0}
+    assert got["B"] == {"load": 0.0, "store": 64 * 2 * 10 * 3}
