@@ -214,10 +214,7 @@ def unpatchify(
         ids = _check_ids(op, ids_keep, B, gh * gw, tokens, K=T)
     if _resolve(op, backend, tokens.device) == "cpp":
         return torch.ops.rectok_fast.unpatchify(tokens, p, C, gh, gw, ids)
-    if ids is not None:
-        full = tokens.new_zeros((B, gh * gw, D)).scatter(1, ids.unsqueeze(-1).expand(-1, -1, D), tokens)
-        return _ref_unpatchify(full, p, C, (gh, gw))
-    return _ref_unpatchify(tokens, p, C, (gh, gw))
+    return _ref_unpatchify(tokens, p, C, (gh, gw), ids)
 
 
 __all__ = ["HAS_CUDA_KERNELS", "HAS_EXTENSION", "patchify", "unpatchify"]

@@ -1,6 +1,10 @@
+"""Reference of the cosine alignment loss (the semantic term of RecTok, SPEC §3)."""
+
 from __future__ import annotations
 
 import torch
+
+from ._upcast import result, up
 
 EPS = 1e-8
 
@@ -22,15 +26,11 @@ def cosine_align_loss(
     """
     if not grad_target:
         target = target.detach()
-    if upcast:  # to fp32; fp64 stays fp64
-        pred = pred if pred.dtype == torch.float64 else pred.float()
-        target = target if target.dtype == torch.float64 else target.float()
+    pred, target = up(pred, upcast), up(target, upcast)
     pn = pred.norm(dim=-1).clamp_min(EPS)
     tn = target.norm(dim=-1).clamp_min(EPS)
     cos = (pred * target).sum(-1) / (pn * tn)
-    per_token = torch.relu(1.0 - cos - margin)
-    if per_token.dtype != torch.float64:  # fp32 result; fp64 stays fp64 (gradcheck)
-        per_token = per_token.float()
+    per_token = result(torch.relu(1.0 - cos - margin))
     if mask is None:
         return per_token.mean()
     w = mask.to(per_token.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._upcast import result, up
+
 EPS = 1e-8
 
 
@@ -24,14 +26,9 @@ def distmat_align_loss(
     """
     if not grad_target:
         teacher = teacher.detach()
-    if upcast:  # to fp32; fp64 stays fp64
-        student = student if student.dtype == torch.float64 else student.float()
-        teacher = teacher if teacher.dtype == torch.float64 else teacher.float()
+    student, teacher = up(student, upcast), up(teacher, upcast)
     s = student / student.norm(dim=-1, keepdim=True).clamp_min(EPS)
     t = teacher / teacher.norm(dim=-1, keepdim=True).clamp_min(EPS)
     cs = s @ s.transpose(-1, -2)  # (B, N, N)
     ct = t @ t.transpose(-1, -2)
-    per_pair = torch.relu((cs - ct).abs() - margin)
-    if per_pair.dtype != torch.float64:
-        per_pair = per_pair.float()
-    return per_pair.mean()
+    return result(torch.relu((cs - ct).abs() - margin)).mean()

@@ -1,27 +1,33 @@
+"""Reference of the DiT velocity flow matching (SPEC §4): the model input ``x_t`` and the loss."""
+
 from __future__ import annotations
 
 import torch
+
+from ._upcast import up
 
 
 def _bt(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def flow_matching_xt(x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """``x_t = t·x1 + (1 - t)·x0`` (t = 1 is the data end, SPEC §4); x1, x0: (B, ...), t: (B,)."""
-    tt = _bt(t, x1)
-    return tt * x1 + (1 - tt) * x0.to(x1.dtype)
+def flow_matching_xt(x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    """``x_t = t·x1 + (1 - t)·x0`` (t = 1 is the data end, SPEC §4); x1, x0: (B, ...), t: (B,).
+    Returns the dtype of ``x1``."""
+    x = up(x1, upcast)
+    tt = _bt(t, x)
+    return (tt * x + (1 - tt) * x0.to(x.dtype)).to(x1.dtype)
 
 
 def flow_matching_loss(
     pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, *, upcast: bool = False
 ) -> torch.Tensor:
-    """Velocity flow-matching loss ``mean((pred - (x1 - x0))²)`` over every element, a 0-dim fp32 tensor.
+    """Velocity flow-matching loss ``mean((pred - (x1 - x0))²)`` over every element, a 0-dim fp32 tensor
+    (also for fp64 inputs, like the fused op; ``upcast`` computes the difference in fp32/fp64 first).
 
     ``t`` does not enter the loss (the target ``x1 - x0`` is time-independent) but is part of the
     signature so the fused op can regenerate ``x0`` and check shapes the same way.
     """
     del t
-    if upcast:
-        pred, x1, x0 = pred.float(), x1.float(), x0.float()
+    pred, x1, x0 = up(pred, upcast), up(x1, upcast), up(x0, upcast)
     return (pred - (x1 - x0.to(x1.dtype))).float().pow(2).mean()

@@ -1,13 +1,11 @@
+"""References of the two KL losses: the Gaussian posterior KL to N(0, I) and the softmax KL feature alignment."""
+
 from __future__ import annotations
 
 import torch
 
+from ._upcast import up
 from .posterior_flow import LOGVAR_MAX, LOGVAR_MIN, clamp_inclusive
-
-
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """fp32 for fp16/bf16/fp32; fp64 stays fp64 (so gradcheck in fp64 is meaningful)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def gaussian_kl(
@@ -15,6 +13,7 @@ def gaussian_kl(
     logvar: torch.Tensor,
     *,
     logvar_clamp: tuple[float, float] | None = (LOGVAR_MIN, LOGVAR_MAX),
+    upcast: bool = True,
 ) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) summed over all but the batch dim: (B,) fp32 (fp64 for fp64 inputs).
 
@@ -22,7 +21,7 @@ def gaussian_kl(
     DiagonalGaussian does; ``logvar_clamp=None`` disables it).  The clamp's gradient passes where
     ``lo <= logvar <= hi`` (:func:`clamp_inclusive`).
     """
-    mean, logvar = _up(mean), _up(logvar)
+    mean, logvar = up(mean, upcast), up(logvar, upcast)
     if logvar_clamp is not None:
         logvar = clamp_inclusive(logvar, *logvar_clamp)
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
@@ -35,6 +34,7 @@ def kl_align_loss(
     mask: torch.Tensor | None = None,
     *,
     grad_target: bool = False,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """Distribution-level feature alignment: mean over (selected) tokens of
     ``T²·KL(softmax(teacher/T) || softmax(student/T))`` over the last (feature) dim, 0-dim fp32
@@ -45,8 +45,8 @@ def kl_align_loss(
     """
     if not grad_target:
         teacher = teacher.detach()
-    s = _up(student) / temperature
-    tch = _up(teacher) / temperature
+    s = up(student, upcast) / temperature
+    tch = up(teacher, upcast) / temperature
     log_ps = torch.log_softmax(s, dim=-1)
     log_pt = torch.log_softmax(tch, dim=-1)
     per_token = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * temperature**2

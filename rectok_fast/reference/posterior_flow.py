@@ -1,8 +1,12 @@
+"""Reference of the posterior sample + forward-flow interpolation + KL of SPEC §2 (the oracle only:
+the flow-time schedules are in :mod:`rectok_fast.schedules`)."""
+
 from __future__ import annotations
 
 import torch
 
-from rectok_fast._moved import moved_names
+from .._moved import moved_names
+from ._upcast import up
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -44,7 +48,7 @@ def posterior_flow(
     ``kl = 0.5·Σ_{N,C}(mean² + var - 1 - logvar)`` (B,) in fp32.
     """
     dtype = moments.dtype
-    m = moments.float() if upcast and dtype != torch.float64 else moments
+    m = up(moments, upcast)
     C = m.shape[-1] // 2
     mean, logvar = m[..., :C], clamp_logvar(m[..., C:])
     if noise is None:
