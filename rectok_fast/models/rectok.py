@@ -8,7 +8,10 @@ position embeddings and RoPE rows (``ops.gather_tokens``), the mask-token insert
 (``ops.restore_tokens``), the pixel head's unpatchify (``ops.unpatchify``); the flow time, posterior
 sample, flow interpolation and KL go through :class:`rectok_fast.nn.FlowNoiser` (``ops.posterior_flow``,
 times from :mod:`rectok_fast.schedules`, t = 1 is noise) and the semantic loss through
-:class:`rectok_fast.nn.CosineAlignLoss` (``ops.cosine_align_loss``).
+:class:`rectok_fast.nn.CosineAlignLoss` (``ops.cosine_align_loss``).  Every one of those ops runs on
+the model's :attr:`RecTok.ops_backend` (``"auto"`` | ``"triton"`` | ``"reference"``; config key
+``ops_backend``), so a whole model can be switched to the PyTorch reference (the convergence test
+trains both and compares).
 
 Masking (training) draws the ratio ``r`` and the kept count ``K`` on the host
 (:meth:`RecTok.sample_mask`, from the host RNG whose state is :attr:`RecTok.mask_rng_state`), the
@@ -597,6 +600,7 @@ class RecTok(nn.Module):
     def _train_forward(
         self, images, mask, t, noise, seed, sample_offset, flow_backend, teacher_features, return_z
     ) -> RecTokOutput:
+        """The training forward after the mask is settled (see :meth:`forward`)."""
         c = self.config
         B = images.shape[0]
         ids_keep, ids_restore = (None, None) if mask is None else mask
