@@ -72,6 +72,12 @@ def test_interrupted_run_resumes_bit_exact(models, tmp_path, monkeypatch):
     got = np.load(res["npz"])
     np.testing.assert_array_equal(got["arr_0"], ref["arr_0"])
     np.testing.assert_array_equal(got["arr_1"], ref["arr_1"])
+    # a damaged shard (a bad copy) is sampled again, the others are kept
+    (shards / "0000002-0000004.npz").write_bytes(b"not a zip")
+    generated.clear()
+    res = sample_mod.main(_argv(models, tmp_path / "cut", "--scale", "1.5"))
+    assert generated == [[2, 3]]
+    np.testing.assert_array_equal(np.load(res["npz"])["arr_0"], ref["arr_0"])
 
 
 def test_other_config_in_out_is_refused(models, tmp_path):

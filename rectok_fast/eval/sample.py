@@ -151,6 +151,27 @@ def read_shard(path: str, count: int) -> tuple[np.ndarray, np.ndarray] | None:
     return (a, y) if a.shape[0] == count and y.shape[0] == count and a.dtype == np.uint8 else None
 
 
+def shard_ok(path: str, count: int) -> bool:
+    """Whether ``path`` is a complete shard of ``count`` images, from the zip directory and the array
+    headers only (a resumed 50k run does not read every finished shard back)."""
+    import zipfile
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            shapes = {}
+            for key in ("arr_0", "arr_1"):
+                with zf.open(f"{key}.npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shapes[key] = read(f)
+    except Exception:
+        return False
+    (s0, _, d0), (s1, _, _) = shapes["arr_0"], shapes["arr_1"]
+    return s0[:1] == (count,) and s1 == (count,) and d0 == np.uint8 and len(s0) == 4
+
+
 def write_shard(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Atomic: a temporary file in the same directory, then a rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -268,7 +289,7 @@ def run_sample(args: argparse.Namespace) -> dict:
             kept += prepare_dir(d, _manifest(args, s), args.overwrite)
     barrier()
     mine = chunks(n, args.batch_size)[info.rank :: info.world_size]
-    todo = [(c, s) for c in mine for s in scales if read_shard(shard_path(dirs[s], *c), c[1] - c[0]) is None]
+    todo = [(c, s) for c in mine for s in scales if not shard_ok(shard_path(dirs[s], *c), c[1] - c[0])]
     done_imgs = sum(c[1] - c[0] for c in mine) * len(scales) - sum(c[1] - c[0] for c, _ in todo)
     total = sum(c[1] - c[0] for c in mine) * len(scales)
     if info.is_main and done_imgs:
