@@ -1,9 +1,10 @@
 """The CPU thread count of every command (``--threads``).
 
 PyTorch starts one OpenMP thread per core.  On a machine that is already busy, oversubscribed
-threads spin and a tiny model trains an order of magnitude slower than on one thread (a tiny
-``train-tokenizer`` on a loaded 2-core machine: 11.8 img/s by default against 158 img/s on one
-thread), so the default is all cores on an idle machine and one thread on a loaded one.
+threads spin and a tiny model trains an order of magnitude slower than on one thread (issue 12
+measured a tiny ``train-tokenizer`` on a loaded 2-core machine at 11.8 img/s with the default
+threads against 158 img/s on one), so the default is all cores on an idle machine and one thread on
+a loaded one.
 """
 
 from __future__ import annotations
