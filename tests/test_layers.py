@@ -127,3 +127,5 @@ def test_modulate_gate():
     torch.testing.assert_close(gate(x, g), x * g[:, None])
     tok = torch.randn(2, 5, 6)
     torch.testing.assert_close(modulate(x, tok, tok), x * (1 + tok) + tok)
+    torch.testing.assert_close(modulate(x, None, scale), x * (1 + scale[:, None]), rtol=0, atol=0)  # DiT^DH: no shift
+    assert modulate is __import__("rectok_fast.models.ditdh", fromlist=["modulate"]).modulate  # one modulate

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from rectok_fast._backend import BACKENDS_TRITON
 from rectok_fast._validate import check_tensor
-from rectok_fast.nn.layers import Attention, RMSNorm, SwiGLU, swiglu_hidden
+from rectok_fast.nn.layers import Attention, RMSNorm, SwiGLU, modulate, swiglu_hidden
 from rectok_fast.nn.rope import eva_rope_table
 from rectok_fast.ops.flow_matching import flow_matching_loss, flow_matching_xt
 from rectok_fast.schedules import default_shift as _default_shift
@@ -196,12 +196,6 @@ class DiTRoPE(nn.Module):
 
 
 # ----------------------------------------------------------------------------- blocks
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-    """``x·(1 + scale) + shift``; x (B, N, w), shift/scale (B, 1|N, w)."""
-    x = x * (1 + scale)
-    return x if shift is None else x + shift
 
 
 class DiTDHBlock(nn.Module):

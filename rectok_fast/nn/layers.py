@@ -99,11 +99,17 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation ``x·(1 + scale) + shift``; x (B, N, D), shift/scale (B, D) or (B, N, D)."""
-    if shift.dim() == 2:
-        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    return torch.addcmul(shift, x, 1 + scale)
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x·(1 + scale) + shift`` (DiT^DH's; ``shift=None`` scales only).
+
+    x (B, N, D); shift/scale (B, D), (B, 1, D) or (B, N, D).  Computed as a product then a sum (not
+    one ``addcmul``), the rounding DiT^DH's golden outputs were recorded with."""
+    if scale.dim() == 2:
+        scale = scale.unsqueeze(1)
+    x = x * (1 + scale)
+    if shift is None:
+        return x
+    return x + (shift.unsqueeze(1) if shift.dim() == 2 else shift)
 
 
 def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
