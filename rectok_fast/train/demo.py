@@ -247,5 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the rectok-fast CLI's error handling (one-line user errors, 143/130 on signals)
+    from rectok_fast.cli import run_as_main
+
+    run_as_main("demo")
