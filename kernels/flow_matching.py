@@ -360,3 +360,301 @@ def flow_noise_kernel(
     s_lo, s_hi = sample_words(b + s_off)
     a0, a1, a2, a3 = flow_normals(k0, k1, s_lo, s_hi, g, g.to(tl.uint32) * 0, ROUNDS)
     _store4(X0 + b * M, m0, M, a0, a1, a2, a3, LANE, EVEN)
+
+
+# ----------------------------------------------------------------------------- cosine term (LightningDiT)
+# ``x1`` viewed as (B, C, S) (S = prod of the dims after the channel dim, element m = c·S + s of the
+# row): a program owns BLOCK_S spatial positions of one sample and loops over C in BLOCK_C chunks,
+# accumulating the per-position channel reductions (pred·v, |pred|², |v|², v = x1 − x0) and the
+# squared error in ACC.  Each element regenerates its own x0 (lane j = (m // LANE) % 4 of the
+# Philox call of group (m // 4·LANE)·LANE + m % LANE): the same numbers as the lane-tile kernels.
+
+
+@triton.jit
+def _x0_at(
+    SEED,
+    seed_int,
+    s_off,
+    X0,
+    b,
+    m,
+    mask,
+    HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ACC: tl.constexpr,
+    LANE: tl.constexpr,
+):
+    """x0 of in-row elements ``m`` (any int32 tile) of row b, 0 where not ``mask``, in ACC."""
+    if HAS_NOISE:
+        a = tl.load(X0 + m, mask=mask, other=0.0).to(ACC)
+    else:
+        k0, k1 = philox_key(SEED, seed_int, SEED_IN_PTR)
+        s_lo, s_hi = sample_words(b + s_off)
+        g = (m // (4 * LANE)) * LANE + m % LANE
+        j = (m // LANE) % 4
+        a0, a1, a2, a3 = flow_normals(k0, k1, s_lo, s_hi, g, g.to(tl.uint32) * 0, ROUNDS)
+        a = tl.where(j == 0, a0, tl.where(j == 1, a1, tl.where(j == 2, a2, a3))).to(ACC)
+        a = tl.where(mask, a, 0.0)
+    return a
+
+
+@triton.jit
+def _pv_tile(
+    PRED,
+    X1,
+    SEED,
+    seed_int,
+    s_off,
+    X0,
+    b,
+    m,
+    mask,
+    M,
+    stride_pb,
+    stride_pm,
+    stride_xb,
+    stride_xm,
+    HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ACC: tl.constexpr,
+    LANE: tl.constexpr,
+):
+    """(pred, v = x1 − x0) of a (BLOCK_C, BLOCK_S) tile of row b in ACC, 0 where not ``mask``."""
+    p = tl.load(PRED + b * stride_pb + m * stride_pm, mask=mask, other=0.0).to(ACC)
+    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=mask, other=0.0).to(ACC)
+    x0 = _x0_at(SEED, seed_int, s_off, X0 + b * M, b, m, mask, HAS_NOISE, SEED_IN_PTR, ROUNDS, ACC, LANE)
+    return p, x1 - x0
+
+
+@triton.jit
+def _cos_sums(
+    PRED,
+    X1,
+    SEED,
+    seed_int,
+    s_off,
+    X0,
+    b,
+    s,
+    smask,
+    C,
+    S,
+    M,
+    stride_pb,
+    stride_pm,
+    stride_xb,
+    stride_xm,
+    HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ACC: tl.constexpr,
+    LANE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Per spatial position (BLOCK_S,): pred·v, |pred|², |v|²; and the tile's sum of (pred − v)²."""
+    dot = tl.zeros((BLOCK_S,), dtype=ACC)
+    pp = tl.zeros((BLOCK_S,), dtype=ACC)
+    vv = tl.zeros((BLOCK_S,), dtype=ACC)
+    sq = tl.zeros((BLOCK_C, BLOCK_S), dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)[:, None]
+        mask = (c < C) & smask
+        p, v = _pv_tile(
+            PRED,
+            X1,
+            SEED,
+            seed_int,
+            s_off,
+            X0,
+            b,
+            c * S + s,
+            mask,
+            M,
+            stride_pb,
+            stride_pm,
+            stride_xb,
+            stride_xm,
+            HAS_NOISE,
+            SEED_IN_PTR,
+            ROUNDS,
+            ACC,
+            LANE,
+        )
+        d = p - v
+        sq += d * d
+        dot += tl.sum(p * v, axis=0)
+        pp += tl.sum(p * p, axis=0)
+        vv += tl.sum(v * v, axis=0)
+    return dot, pp, vv, tl.sum(tl.sum(sq, axis=1), axis=0)
+
+
+@triton.jit(do_not_specialize=_DNS)
+def flow_cos_loss_fwd_kernel(
+    PRED,  # pred: (B, C·S), strides (stride_pb, stride_pm)
+    X1,  # x1: (B, C·S), strides (stride_xb, stride_xm)
+    SEED,  # seed: (1,) int64 (read when SEED_IN_PTR and not HAS_NOISE)
+    X0,  # x0: (B, C·S) contiguous (read when HAS_NOISE)
+    PART,  # out: (B, P) fp32, Σ(pred − v)²/(B·C·S) + w·Σ_s(1 − cos)/(B·S) of the program's positions
+    C,
+    S,
+    inv_numel: tl.float64,  # 1 / (B·C·S)
+    cos_scale: tl.float64,  # cosine_weight / (B·S)
+    seed_int: tl.int64,
+    s_off: tl.int64,
+    stride_pb,
+    stride_pm,
+    stride_xb,
+    stride_xm,
+    HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ACC: tl.constexpr,
+    LANE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    EPS: tl.constexpr,  # each norm is clamped to EPS on its own (F.cosine_similarity)
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid1 = tl.program_id(1)
+    s1 = pid1 * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = s1[None, :]
+    smask = s < S
+    dot, pp, vv, sq = _cos_sums(
+        PRED,
+        X1,
+        SEED,
+        seed_int,
+        s_off,
+        X0,
+        b,
+        s,
+        smask,
+        C,
+        S,
+        C * S,
+        stride_pb,
+        stride_pm,
+        stride_xb,
+        stride_xm,
+        HAS_NOISE,
+        SEED_IN_PTR,
+        ROUNDS,
+        ACC,
+        LANE,
+        BLOCK_C,
+        BLOCK_S,
+    )
+    cos = dot / (tl.maximum(tl.sqrt(pp), EPS) * tl.maximum(tl.sqrt(vv), EPS))
+    one_minus = tl.where(s1 < S, 1.0 - cos, 0.0)
+    tot = sq * inv_numel + tl.sum(one_minus, axis=0) * cos_scale
+    tl.store(PART + b * tl.num_programs(1) + pid1, tot.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=_DNS)
+def flow_cos_loss_bwd_kernel(
+    GRAD,  # grad of the loss: (1,) fp32
+    PRED,  # pred: (B, C·S), strides (stride_pb, stride_pm)
+    X1,  # x1: (B, C·S), strides (stride_xb, stride_xm)
+    SEED,  # seed: (1,) int64 (read when SEED_IN_PTR and not HAS_NOISE)
+    X0,  # x0: (B, C·S) contiguous (read when HAS_NOISE)
+    DPRED,  # out: (B, C·S) contiguous, dtype of pred (written when NEED_DPRED)
+    DX1,  # out: (B, C·S) contiguous, dtype of x1 (written when NEED_DX1)
+    C,
+    S,
+    inv_numel: tl.float64,  # 2 / (B·C·S)
+    cos_scale: tl.float64,  # cosine_weight / (B·S)
+    seed_int: tl.int64,
+    s_off: tl.int64,
+    stride_pb,
+    stride_pm,
+    stride_xb,
+    stride_xm,
+    HAS_NOISE: tl.constexpr,
+    NEED_DPRED: tl.constexpr,
+    NEED_DX1: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    ACC: tl.constexpr,
+    LANE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    """Two passes over C: the reductions, then the gradients (x0 regenerated in both).
+    d cos/d pred = v/(n̂p·n̂v) − cos·pred/(n̂p·|pred|) with n̂ = max(|·|, eps) (torch's gradient of
+    F.cosine_similarity; the second term is 0 where |pred| = 0), symmetrically for v = x1 − x0."""
+    b = tl.program_id(0).to(tl.int64)
+    s = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S))[None, :]
+    smask = s < S
+    M = C * S
+    dot, pp, vv, sq = _cos_sums(
+        PRED,
+        X1,
+        SEED,
+        seed_int,
+        s_off,
+        X0,
+        b,
+        s,
+        smask,
+        C,
+        S,
+        M,
+        stride_pb,
+        stride_pm,
+        stride_xb,
+        stride_xm,
+        HAS_NOISE,
+        SEED_IN_PTR,
+        ROUNDS,
+        ACC,
+        LANE,
+        BLOCK_C,
+        BLOCK_S,
+    )
+    pn = tl.sqrt(pp)
+    vn = tl.sqrt(vv)
+    pc = tl.maximum(pn, EPS)
+    vc = tl.maximum(vn, EPS)
+    cos = dot / (pc * vc)
+    g = tl.load(GRAD).to(tl.float64)
+    gm = (g * inv_numel).to(ACC)
+    gc = (g * cos_scale).to(ACC)
+    a = (gc / (pc * vc))[None, :]  # d(−gc·cos) = −gc·(a·v − …)
+    kp = (gc * cos * tl.where(pn > 0, 1.0 / (pc * tl.where(pn > 0, pn, 1.0)), 0.0))[None, :]
+    kv = (gc * cos * tl.where(vn > 0, 1.0 / (vc * tl.where(vn > 0, vn, 1.0)), 0.0))[None, :]
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)[:, None]
+        mask = (c < C) & smask
+        m = c * S + s
+        p, v = _pv_tile(
+            PRED,
+            X1,
+            SEED,
+            seed_int,
+            s_off,
+            X0,
+            b,
+            m,
+            mask,
+            M,
+            stride_pb,
+            stride_pm,
+            stride_xb,
+            stride_xm,
+            HAS_NOISE,
+            SEED_IN_PTR,
+            ROUNDS,
+            ACC,
+            LANE,
+        )
+        dm = gm * (p - v)
+        if NEED_DPRED:
+            dp = dm - a * v + kp * p
+            tl.store(DPRED + b * M + m, to_store(dp, DPRED.dtype.element_ty), mask=mask)
+        if NEED_DX1:
+            dv = -dm - a * p + kv * v
+            tl.store(DX1 + b * M + m, to_store(dv, DX1.dtype.element_ty), mask=mask)

@@ -20,15 +20,18 @@ offset (``sample_offset != 0`` raises there).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .._backend import kernels, resolve_backend
+from .._backend import kernels, resolve_backend, triton_interpret
 from .._constants import FLOAT_DTYPES
 from .._validate import check_same_device, check_tensor
+from ..reference.flow_matching import COSINE_EPS
 from ..reference.flow_matching import flow_matching_loss as _ref_loss
 from ..reference.flow_matching import flow_matching_xt as _ref_xt
 from ._launch import acc_dtype as _acc
-from ._launch import cdiv
+from ._launch import cdiv, next_power_of_2
 from ._noise import (
     FM_LANE,
     NOISE_STREAM_VERSION,
@@ -137,9 +140,93 @@ def _xt_bwd(grad, x1, t, seed, x0, offset, seed_int, need_dx1, need_dt, rounds):
     return dx1, (dt_part.sum(1).to(t.dtype) if need_dt else t.new_empty(0))
 
 
-def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds):
+def _cos_layout(pred, x1):
+    """(C, S, BLOCK_C, BLOCK_S, num_warps) of the cosine kernels: x1 as (B, C, S), S = prod(shape[2:])."""
+    C = int(x1.shape[1])
+    S = x1.numel() // (x1.shape[0] * C)
+    if triton_interpret():  # fewer, larger tiles: the interpreter's cost is per operation
+        return C, S, min(next_power_of_2(C), 64), min(next_power_of_2(S), 256), 4
+    # 64 positions × 32 channels per iteration (16 elements per thread of 4 warps); s is the
+    # contiguous axis of channels-first latents (coalesced)
+    return C, S, min(next_power_of_2(C), 32), min(next_power_of_2(S), 64), 4
+
+
+def _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight):
+    p, x = _rows(pred), _rows(x1)
+    B = x.shape[0]
+    C, S, bc, bs, warps = _cos_layout(pred, x1)
+    part = torch.empty((B, cdiv(S, bs)), device=x1.device, dtype=torch.float32)
+    kernels("flow_matching").flow_cos_loss_fwd_kernel[part.shape](
+        p,
+        x,
+        _seed_ptr(seed, part),
+        _noise_arg(x0, part),
+        part,
+        C,
+        S,
+        1.0 / x.numel(),
+        float(cosine_weight) / (B * S),
+        int(seed_int),
+        int(offset),
+        *p.stride(),
+        *x.stride(),
+        HAS_NOISE=x0 is not None,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
+        ACC=_acc(torch.promote_types(pred.dtype, x1.dtype)),
+        LANE=FM_LANE,
+        BLOCK_C=bc,
+        BLOCK_S=bs,
+        EPS=COSINE_EPS,
+        num_warps=warps,
+    )
+    return part.sum()
+
+
+def _cos_loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds, cosine_weight):
+    dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype) if need_dpred else pred.new_empty(0)
+    dx1 = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype) if need_dx1 else x1.new_empty(0)
+    if x1.numel() == 0 or not (need_dpred or need_dx1):
+        return dpred, dx1
+    p, x = _rows(pred), _rows(x1)
+    B = x.shape[0]
+    C, S, bc, bs, warps = _cos_layout(pred, x1)
+    kernels("flow_matching").flow_cos_loss_bwd_kernel[(B, cdiv(S, bs))](
+        grad.reshape(1).to(torch.float32),
+        p,
+        x,
+        _seed_ptr(seed, x),
+        _noise_arg(x0, x),
+        dpred if need_dpred else x,
+        dx1 if need_dx1 else x,
+        C,
+        S,
+        2.0 / x.numel(),
+        float(cosine_weight) / (B * S),
+        int(seed_int),
+        int(offset),
+        *p.stride(),
+        *x.stride(),
+        HAS_NOISE=x0 is not None,
+        NEED_DPRED=need_dpred,
+        NEED_DX1=need_dx1,
+        SEED_IN_PTR=seed is not None,
+        ROUNDS=rounds,
+        ACC=_acc(torch.promote_types(pred.dtype, x1.dtype)),
+        LANE=FM_LANE,
+        BLOCK_C=bc,
+        BLOCK_S=bs,
+        EPS=COSINE_EPS,
+        num_warps=warps,
+    )
+    return dpred, dx1
+
+
+def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight=0.0):
     if x1.numel() == 0:
         return torch.full((), float("nan"), device=x1.device, dtype=torch.float32)
+    if cosine_weight:
+        return _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight)
     p, x = _rows(pred), _rows(x1)
     B, M = x.shape
     grid, rows, warps = _grid(B, M)
@@ -168,7 +255,9 @@ def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds):
     return part.sum()  # the partials are already divided by B·M: one reduction, no division kernel
 
 
-def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds):
+def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds, cosine_weight=0.0):
+    if cosine_weight:
+        return _cos_loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds, cosine_weight)
     dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype) if need_dpred else pred.new_empty(0)
     dx1 = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype) if need_dx1 else x1.new_empty(0)
     if x1.numel() == 0 or not (need_dpred or need_dx1):
@@ -274,12 +363,13 @@ def _loss_fwd_op(
     sample_offset: int = 0,
     seed_int: int = 0,
     philox_rounds: int = PHILOX_ROUNDS,
+    cosine_weight: float = 0.0,
 ) -> torch.Tensor:
-    return _loss_fwd(pred, x1, seed, x0, sample_offset, seed_int, philox_rounds)
+    return _loss_fwd(pred, x1, seed, x0, sample_offset, seed_int, philox_rounds, cosine_weight)
 
 
 @_loss_fwd_op.register_fake
-def _(pred, x1, seed, x0, sample_offset=0, seed_int=0, philox_rounds=PHILOX_ROUNDS):
+def _(pred, x1, seed, x0, sample_offset=0, seed_int=0, philox_rounds=PHILOX_ROUNDS, cosine_weight=0.0):
     return pred.new_empty((), dtype=torch.float32)
 
 
@@ -295,14 +385,27 @@ def _loss_bwd_op(
     need_dpred: bool = True,
     need_dx1: bool = True,
     philox_rounds: int = PHILOX_ROUNDS,
+    cosine_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dpred, dx1); each is an empty tensor when not needed."""
-    return _loss_bwd(grad, pred, x1, seed, x0, sample_offset, seed_int, need_dpred, need_dx1, philox_rounds)
+    return _loss_bwd(
+        grad, pred, x1, seed, x0, sample_offset, seed_int, need_dpred, need_dx1, philox_rounds, cosine_weight
+    )
 
 
 @_loss_bwd_op.register_fake
 def _(
-    grad, pred, x1, seed, x0, sample_offset=0, seed_int=0, need_dpred=True, need_dx1=True, philox_rounds=PHILOX_ROUNDS
+    grad,
+    pred,
+    x1,
+    seed,
+    x0,
+    sample_offset=0,
+    seed_int=0,
+    need_dpred=True,
+    need_dx1=True,
+    philox_rounds=PHILOX_ROUNDS,
+    cosine_weight=0.0,
 ):
     return (pred.new_empty(pred.shape) if need_dpred else pred.new_empty(0)), (
         x1.new_empty(x1.shape) if need_dx1 else x1.new_empty(0)
@@ -310,16 +413,18 @@ def _(
 
 
 def _loss_setup(ctx, inputs, output):
-    pred, x1, seed, x0, sample_offset, seed_int, rounds = inputs
+    pred, x1, seed, x0, sample_offset, seed_int, rounds, cosine_weight = inputs
     ctx.save_for_backward(pred, x1, seed, x0)
-    ctx.sample_offset, ctx.seed_int, ctx.rounds = sample_offset, seed_int, rounds
+    ctx.sample_offset, ctx.seed_int, ctx.rounds, ctx.cosine_weight = sample_offset, seed_int, rounds, cosine_weight
 
 
 def _loss_backward(ctx, grad):
     pred, x1, seed, x0 = ctx.saved_tensors
     need_dp, need_dx1 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dpred, dx1 = _loss_bwd_op(grad, pred, x1, seed, x0, ctx.sample_offset, ctx.seed_int, need_dp, need_dx1, ctx.rounds)
-    return (dpred if need_dp else None), (dx1 if need_dx1 else None), None, None, None, None, None
+    dpred, dx1 = _loss_bwd_op(
+        grad, pred, x1, seed, x0, ctx.sample_offset, ctx.seed_int, need_dp, need_dx1, ctx.rounds, ctx.cosine_weight
+    )
+    return (dpred if need_dp else None), (dx1 if need_dx1 else None), None, None, None, None, None, None
 
 
 _loss_fwd_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -347,6 +452,14 @@ def _validate(op, x1, t, noise, seed, pred=None):
         if noise.shape != x1.shape:
             raise ValueError(f"{op}: `noise` must have the shape of `x1` {tuple(x1.shape)}, got {tuple(noise.shape)}")
     check_same_device(op, x1=x1, t=t, pred=pred, noise=noise)
+
+
+def _check_cosine_weight(op: str, w, x1: torch.Tensor) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        raise ValueError(f"{op}: `cosine_weight` must be a finite python float, got {w!r}")
+    if w and x1.dim() < 2:
+        raise ValueError(f"{op}: the cosine term needs a channel dim: (B, C, ...) inputs, got {tuple(x1.shape)}")
+    return float(w)
 
 
 def _per_sample(x: torch.Tensor) -> int:
@@ -419,9 +532,12 @@ def flow_matching_loss(
     seed: int | torch.Tensor | None = None,
     sample_offset: int = 0,
     philox_rounds: int = PHILOX_ROUNDS,
+    cosine_weight: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Velocity flow-matching loss ``mean((pred − (x1 − x0))²)`` as a 0-dim fp32 tensor.
+    """Velocity flow-matching loss ``mean((pred − (x1 − x0))²)`` as a 0-dim fp32 tensor, plus
+    LightningDiT's ``cosine_weight · mean over (b, spatial) of (1 − cos(pred, x1 − x0))`` when
+    ``cosine_weight`` != 0.
 
     Args:
         pred: (B, ...) predicted velocity, the shape of ``x1``.
@@ -429,12 +545,19 @@ def flow_matching_loss(
         t: (B,) time per sample (validated; the target does not depend on it, so no gradient).
         noise, seed, sample_offset, philox_rounds, backend: as in :func:`flow_matching_xt`; pass
             the seed, offset and rounds used for ``x_t``.  The mean is over this call's (local) ``B·M`` elements.
+        cosine_weight: weight of the cosine term (python float, default 0: the plain loss and its
+            kernels).  cos is taken over the channel dim 1 of (B, C, ...) inputs (every later dim is
+            spatial; (B, C) is one position), as ``F.cosine_similarity(dim=1, eps=1e-8)``:
+            ``pred·v / (max(‖pred‖, 1e-8)·max(‖v‖, 1e-8))``, v = x1 − x0, with torch's gradient.  The
+            Triton path builds v from the regenerated x0 in-kernel (per-position channel reductions in
+            fp32, fp64 for fp64 inputs; no x0 stored; the backward regenerates it twice).
 
     Returns:
         0-dim fp32 loss; gradients flow to ``pred`` and ``x1``.
     """
     op = "flow_matching_loss"
     _validate(op, x1, t, noise, seed, pred=pred)
+    cosine_weight = _check_cosine_weight(op, cosine_weight, x1)
     check_sample_offset(op, sample_offset, x1.shape[0])
     check_flow_row(op, _per_sample(x1))
     rounds = check_rounds(op, philox_rounds)
@@ -443,10 +566,14 @@ def flow_matching_loss(
     check_offset_usage(op, sample_offset, noise is not None, chosen)
     if chosen == "reference":
         x0 = noise if noise is not None else _reference_noise(x1, seed)
-        return _ref_loss(pred, x1, t, x0)
+        return _ref_loss(pred, x1, t, x0, cosine_weight=cosine_weight)
     if noise is not None:
+        if cosine_weight:
+            return _loss_fwd_op(pred, x1, None, noise, 0, 0, PHILOX_ROUNDS, cosine_weight)
         return _loss_fwd_op(pred, x1, None, noise, 0)
     seed_t, seed_int = (default_seed(x1.device), 0) if seed is None else seed_args(op, seed, x1.device)
+    if cosine_weight:
+        return _loss_fwd_op(pred, x1, seed_t, None, sample_offset, seed_int, rounds, cosine_weight)
     return _loss_fwd_op(pred, x1, seed_t, None, sample_offset, seed_int, rounds)
 
 
