@@ -95,10 +95,16 @@ def test_stage_label_and_command_bars(tmp_path, capsys):
     root.addHandler(h)
     try:
         m = train_tokenizer(tiny_tokenizer_cfg(str(tmp_path / "tok"), max_steps=1, log={"progress": True}))
+        s1_err = capsys.readouterr().err
+        s2 = tiny_tokenizer_cfg(
+            str(tmp_path / "tok2"), max_steps=1, log={"progress": True}, model={"init": m["export"]}
+        )
+        s2.stage = 2
+        train_tokenizer(s2)
     finally:
         root.removeHandler(h)
-    assert "tokenizer stage 1: 1 steps" in stream.getvalue()
-    assert "tokenizer stage 1" in capsys.readouterr().err  # the bar's label
+    assert "tokenizer stage 1: 1 steps" in stream.getvalue() and "tokenizer stage 2: 1 steps" in stream.getvalue()
+    assert "tokenizer stage 1" in s1_err and "tokenizer stage 2" in capsys.readouterr().err  # the bars' labels
     data = DataConfig(source="embedded", image_size=32, embedded_len=4, embedded_scale=0.25)
     run_stats(m["export"], data, out=str(tmp_path / "st"), device="cpu", batch_size=2)
     assert "stats: 100%" in capsys.readouterr().err
