@@ -426,7 +426,9 @@ def test_attached_teachers_and_validation():
     m.attach_teachers({"tiny": TinyTeacher(width=16, depth=1, heads=2)})
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     out = m(x)
-    assert out.sem_target["tiny"].shape == (2, 16, 16) and out.sem_loss.ndim == 0
+    assert out.teacher_features["tiny"].shape == (2, 16, 16) and out.sem_loss.ndim == 0
+    with pytest.warns(DeprecationWarning, match="teacher_features"):
+        assert out.sem_target is out.teacher_features  # the old name: a warning alias
     with pytest.raises(ValueError, match="width"):
         m.attach_teachers({"tiny": TinyTeacher(width=8, depth=1, heads=2)})
     with pytest.raises(KeyError):

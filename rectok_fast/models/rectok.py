@@ -44,8 +44,7 @@ from ..nn.fused import SEMANTIC_TARGETS, CosineAlignLoss, FlowNoiser, check_back
 from ..nn.layers import Block, RMSNorm
 from ..nn.rope import rectok_rope_table
 
-# explicit submodule imports: ``ops.<name>`` is shadowed by the submodule of the same name once
-# that submodule is imported (the package's lazy ``__getattr__`` is then bypassed)
+# each functional from its op module (rectok_fast.ops re-exports them too; the module names the chain)
 from ..ops.patchify import patchify, unpatchify
 from ..ops.posterior_flow import posterior_flow
 from ..ops.tokens import gather_tokens, restore_tokens
@@ -156,12 +155,22 @@ class RecTokOutput:
     kl: torch.Tensor  # () KL summed over tokens and channels, averaged over the batch
     t: torch.Tensor | None  # (B,) flow time (None without the flow)
     sem_pred: dict[str, torch.Tensor]  # teacher name -> (B, N, width) predicted features
-    sem_target: dict[str, torch.Tensor]  # teacher name -> (B, N, width) teacher features (when available)
+    teacher_features: dict[str, torch.Tensor]  # teacher name -> (B, N, width) teacher features (when available)
     sem_losses: dict[str, torch.Tensor]  # teacher name -> () loss
     sem_loss: torch.Tensor | None  # () mean of sem_losses
     ids_keep: torch.Tensor | None  # (B, K)
     ids_restore: torch.Tensor | None  # (B, N)
     token_mask: torch.Tensor | None  # (B, N) bool, True where a token was masked
+
+    @property
+    def sem_target(self) -> dict[str, torch.Tensor]:
+        """Deprecated name of :attr:`teacher_features`."""
+        warnings.warn(
+            "RecTokOutput.sem_target is deprecated; use RecTokOutput.teacher_features",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.teacher_features
 
 
 # ----------------------------------------------------------------------------- sub-modules
@@ -300,6 +309,10 @@ class RecTok(nn.Module):
         elif kwargs:
             config = RecTokConfig(**{**asdict(config), **kwargs})
         self.config = config
+        # Init order: the encoder and the pixel decoder are built, then re-initialised by _init_weights
+        # (trunc-normal std 0.02 weights, zero biases of every Linear/Conv2d); the semantic decoders are
+        # built after it and keep PyTorch's default Linear init.  Moving the apply() changes their
+        # init, and moving any line here changes what a seeded RecTok(config) draws.
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.apply(_init_weights)
@@ -636,7 +649,7 @@ class RecTok(nn.Module):
             kl=kl.mean(),
             t=t if flow else None,
             sem_pred=sem_pred,
-            sem_target=teacher_features,
+            teacher_features=teacher_features,
             sem_losses=sem_losses,
             sem_loss=sem_loss,
             ids_keep=ids_keep,
