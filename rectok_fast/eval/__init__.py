@@ -1,4 +1,4 @@
-"""Evaluation: PSNR / SSIM (always), FID / IS / precision-recall through torch-fidelity or clean-fid when installed."""
+"""Evaluation: PSNR / SSIM (always); FID / IS on torch-fidelity's Inception network from a local weights file."""
 
 from .metrics import mean_color_psnr, psnr, ssim
 

@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
-        "--rfid", action="store_true", help="also compute rFID (needs torch-fidelity or clean-fid + local weights)"
+        "--rfid",
+        action="store_true",
+        help="also compute rFID (needs torch-fidelity + its local Inception weights; streamed)",
     )
     p.add_argument("--samples", default=None, help="generated images: a PNG folder or an ADM .npz")
     p.add_argument(
