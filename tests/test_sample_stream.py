@@ -186,3 +186,20 @@ def test_missing_inception_weights_is_one_clear_error_before_any_work(tmp_path, 
     monkeypatch.delenv("RECTOK_FAST_INCEPTION_WEIGHTS")
     with pytest.raises(PathError, match=INCEPTION_FILE):  # raised before the tokenizer is even loaded
         eval_main(["--tokenizer", str(tmp_path / "no_tokenizer_needed"), "--rfid", "--device", "cpu"])
+
+
+def test_rank_layout_does_not_change_the_images(models, tmp_path, monkeypatch):
+    """Two ranks (simulated one after the other: rank 1 writes its chunks, then rank 0 writes its own and
+    assembles) give the bytes of one process: chunk k goes to rank k % world and its noise is per index."""
+    from rectok_fast.utils.distributed import DistInfo
+
+    one = sample_mod.main(_argv(models, tmp_path / "one", "--scale", "1.5", "--no-grid"))
+    monkeypatch.setattr(sample_mod, "barrier", lambda: None)
+    done = []
+    real_generate = sample_mod.generate
+    monkeypatch.setattr(sample_mod, "generate", lambda *a, **k: done.append(a[2]) or real_generate(*a, **k))
+    for rank in (1, 0):
+        monkeypatch.setattr(sample_mod, "init_distributed", lambda device, r=rank: DistInfo(rank=r, world_size=2))
+        res = sample_mod.main(_argv(models, tmp_path / "two", "--scale", "1.5", "--no-grid"))
+    assert done == [[2, 3], [6], [0, 1], [4, 5]]
+    np.testing.assert_array_equal(np.load(res["npz"])["arr_0"], np.load(one["npz"])["arr_0"])
