@@ -143,9 +143,14 @@ def resolve_backend(
     return chosen
 
 
-def resolve_triton_backend(op: str, backend: str, *tensors: torch.Tensor | None) -> str:
-    """:func:`resolve_backend` for a Triton op without a dtype restriction (kept for callers of the old name)."""
-    return resolve_backend(op, backend, *tensors)
+def takes_fused_path(backend: str, *tensors: torch.Tensor | None, fused: str = "triton") -> bool:
+    """Whether :func:`resolve_backend` picks the fused path for ``backend`` and these inputs, without
+    recording or raising: for callers that prepare an op's inputs for its path (a seed for the
+    in-kernel noise instead of a materialised tensor).  An explicit ``backend=fused`` is True (the op
+    itself raises if it cannot run)."""
+    if backend == fused:
+        return True
+    return backend == "auto" and fused == "triton" and _triton_unavailable(backend, tensors) is None
 
 
 def record(op: str, chosen: str) -> None:

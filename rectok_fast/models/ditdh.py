@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rectok_fast._backend import BACKENDS_TRITON
+from rectok_fast._backend import BACKENDS_TRITON, takes_fused_path
 from rectok_fast._validate import check_tensor
 from rectok_fast.nn.layers import Attention, RMSNorm, SwiGLU, modulate, swiglu_hidden
 from rectok_fast.nn.rope import eva_rope_table
@@ -723,8 +723,7 @@ def training_loss(
     if backend is None:
         backend = getattr(core, "ops_backend", "auto")
     if seed is None and noise is None:
-        fused = backend == "triton" or (backend == "auto" and x1.is_cuda)
-        if fused:
+        if takes_fused_path(backend, x1):  # the ops' resolver decides: a seed for the in-kernel noise
             seed = torch.randint(0, 2**62, (1,), device=x1.device, dtype=torch.int64)
         else:
             noise = torch.randn_like(x1)

@@ -10,8 +10,7 @@ The functionals are imported eagerly on purpose: several share their submodule's
 
 from __future__ import annotations
 
-from rectok_fast._moved import moved_names
-
+from .._moved import moved_names
 from .cosine_align import cosine_align_loss
 from .distmat import distmat_align_loss
 from .flow_matching import flow_matching_loss, flow_matching_noise, flow_matching_xt
