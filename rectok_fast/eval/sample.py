@@ -29,13 +29,14 @@ import os
 import numpy as np
 import torch
 
-from ..errors import ArgumentError, DataError, PathError
+from ..errors import ArgumentError, DataError, PathError, RunDirError
 from ..hub import resolve_pretrained
 from ..models.loading import load_dit, load_tokenizer
+from ..sampling import sample
 from ..utils import write_json
 from ..utils.distributed import barrier, cleanup, init_distributed
 from ..utils.images import save_grid, to_uint8_hwc
-from ..utils.log import setup_logging
+from ..utils.log import progress_bar, setup_logging
 from ..utils.threads import add_threads_arg, apply_threads
 
 logger = logging.getLogger("rectok_fast.eval")
@@ -72,8 +73,6 @@ def generate(
     seed: int = 0,
     amp: bool = True,
 ) -> torch.Tensor:
-    from ..sampling import sample
-
     dev = next(dit.parameters()).device
     C, g = dit.config.in_channels, dit.config.input_size
     noise = sample_noise(indices, (C, g, g), seed, dev)
@@ -207,8 +206,6 @@ def prepare_dir(d: str, manifest: dict, overwrite: bool) -> int:
             old = json.load(f)
         diff = sorted(k for k in manifest if old.get(k) != manifest[k])
         if diff:
-            from ..errors import RunDirError
-
             raise RunDirError(
                 f"--out {d} holds samples of another configuration (differs in {', '.join(diff)}): "
                 "pass --overwrite to replace them or choose another --out"
@@ -267,9 +264,6 @@ def _write_pngs(d: str, start: int, images: np.ndarray, only_missing: bool = Fal
 
 
 def run_sample(args: argparse.Namespace) -> dict:
-    from ..errors import RunDirError
-    from ..utils.log import progress_bar
-
     info = init_distributed(args.device)
     dev = info.device
     dit = load_dit(resolve_pretrained(args.dit, "dit")).to(dev).eval()
