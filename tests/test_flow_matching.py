@@ -374,3 +374,203 @@ def test_int_seed_under_compile_and_opcheck_modes(kernel_device):
         ops.flow_matching_loss_bwd.default,
         (torch.tensor(1.5, device=kernel_device), x1, x1, None, None, 0, 5, True, False, 10),
     )
+
+
+# ----------------------------------------------------------------------------- cosine term (LightningDiT)
+
+COS_SHAPES = [(2, 1, 5), (2, 3, 5), (1, 7, 1), (3, 3, 1, 1), (2, 7, 5), (2, 3, 300), (3, 5)]
+COS_SHAPES += [(2, 70, 3, 100), (2, 128, 4, 4)]  # C over two chunks, several position tiles; paper C
+
+
+def _cos_ref(x0, w=0.5, **kw):
+    return lambda p, a, tt: ref_loss(p, a, tt, x0, cosine_weight=w, **kw)
+
+
+def _cos_formula(pred, x1, x0, w):
+    """LightningDiT's loss written out: mse + w·mean(1 − cos over dim 1), eps as F.cosine_similarity."""
+    v = x1 - x0
+    cos = (pred * v).sum(1) / (pred.norm(dim=1).clamp_min(1e-8) * v.norm(dim=1).clamp_min(1e-8))
+    return ((pred - v) ** 2).mean() + w * (1 - cos).mean()
+
+
+@pytest.mark.parametrize("shape", COS_SHAPES)
+def test_cosine_seed_matches_reference_fp32(kernel_device, shape):
+    x1 = torch.randn(shape, device=kernel_device)
+    pred = torch.randn(shape, device=kernel_device)
+    t = torch.rand(shape[0], device=kernel_device)
+    x0 = flow_matching_noise(41, shape, kernel_device)
+    out, dp, dx1 = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=41, cosine_weight=0.5, backend="triton")
+    assert out.dtype == torch.float32 and out.dim() == 0
+    ref, rdp, rdx1 = _loss_and_grads(_cos_ref(x0), pred, x1, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp, rdp, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dx1, rdx1, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ref, _cos_formula(pred, x1, x0, 0.5), rtol=1e-6, atol=1e-6)
+    plain = flow_matching_loss(pred, x1, t, seed=41, backend="triton")
+    assert abs(out.item() - plain.item()) > 1e-3  # the term is there
+
+
+def test_cosine_non_contiguous_and_explicit_noise_equal_seed(kernel_device):
+    x1 = torch.randn(3, 6, 5, device=kernel_device).transpose(1, 2)  # (3, 5, 6) strided
+    pred = torch.randn(3, 5, 12, device=kernel_device)[..., ::2]
+    t = torch.rand(3, device=kernel_device)
+    x0 = flow_matching_noise(12, (3, 5, 6), kernel_device)
+    kw = {"cosine_weight": 1.5, "backend": "triton"}
+    a = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=12, **kw)
+    b = _loss_and_grads(flow_matching_loss, pred, x1, t, noise=x0, **kw)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)  # generated x0 == the materialised stream, same op order
+    r = _loss_and_grads(_cos_ref(x0, 1.5), pred, x1, t)
+    for u, v in zip(a, r):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cosine_low_precision_fa_rule(kernel_device, dtype):
+    shape = (2, 7, 5)
+    x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
+    t = torch.rand(2, device=kernel_device)
+    x0 = flow_matching_noise(3, shape, kernel_device)
+    lo = [x.to(dtype) for x in (x1, pred)]
+    loss, dp, dx = _loss_and_grads(flow_matching_loss, lo[1], lo[0], t, seed=3, cosine_weight=0.8, backend="triton")
+    assert dp.dtype == dtype and dx.dtype == dtype
+    lloss, ldp, ldx = _loss_and_grads(_cos_ref(x0.to(dtype), 0.8), lo[1], lo[0], t)
+    hloss, hdp, hdx = _loss_and_grads(_cos_ref(x0, 0.8), lo[1].float(), lo[0].float(), t)
+    assert_fa_rule(loss, lloss, hloss)
+    assert_fa_rule(dp, ldp, hdp, factor=3.0)
+    assert_fa_rule(dx, ldx, hdx, factor=3.0)
+
+
+def test_cosine_nan_inf_propagate(kernel_device):
+    shape = (2, 3, 5)
+    x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
+    pred[0, 1, 2] = float("nan")
+    x1[1, 0, 4] = float("inf")
+    t = torch.rand(2, device=kernel_device)
+    x0 = flow_matching_noise(5, shape, kernel_device)
+    out, dp, dx = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=5, cosine_weight=0.5, backend="triton")
+    ref, rdp, rdx = _loss_and_grads(_cos_ref(x0), pred, x1, t)
+    assert out.isnan() and ref.isnan()
+    assert torch.equal(dp.isnan(), rdp.isnan()) and torch.equal(dx.isnan(), rdx.isnan())
+    assert dp.isnan().any() and not dp.isnan().all()  # a NaN stays within its (sample, position)
+    torch.testing.assert_close(dp, rdp, rtol=1e-5, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_cosine_zero_vectors_and_empty(kernel_device):
+    """|pred| = 0 at a position: cos = 0 (eps clamp), gradient as torch's; an empty batch is NaN."""
+    shape = (2, 4, 3)
+    x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
+    pred[0, :, 1] = 0
+    pred[1, :, 2] = 1e-10  # below eps
+    t = torch.rand(2, device=kernel_device)
+    x0 = flow_matching_noise(6, shape, kernel_device)
+    out, dp, dx = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=6, cosine_weight=2.0, backend="triton")
+    ref, rdp, rdx = _loss_and_grads(_cos_ref(x0, 2.0), pred, x1, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp, rdp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-7)
+    e1, e2 = _leaf(torch.randn(0, 3, 5, device=kernel_device)), _leaf(torch.randn(0, 3, 5, device=kernel_device))
+    loss = flow_matching_loss(e1, e2, torch.rand(0, device=kernel_device), seed=1, cosine_weight=1.0, backend="triton")
+    assert loss.isnan()
+    loss.backward()
+    assert e1.grad.shape == (0, 3, 5) and e2.grad.shape == (0, 3, 5)
+
+
+def test_cosine_sample_offset_slice_bit_exact(kernel_device):
+    B, i, j = 5, 1, 4
+    shape = (B, 3, 7)
+    x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
+    t = torch.rand(B, device=kernel_device)
+    x0 = flow_matching_noise(77, shape, kernel_device)
+    kw = {"cosine_weight": 0.3, "backend": "triton"}
+    a = _loss_and_grads(flow_matching_loss, pred[i:j], x1[i:j], t[i:j], seed=77, sample_offset=i, **kw)
+    b = _loss_and_grads(flow_matching_loss, pred[i:j], x1[i:j], t[i:j], noise=x0[i:j], **kw)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert not torch.equal(a[0], flow_matching_loss(pred[i:j], x1[i:j], t[i:j], seed=77, **kw))
+
+
+def test_cosine_gradcheck_fp64(kernel_device):
+    from rectok_fast.reference.flow_matching import velocity_cosine_loss
+
+    pred = torch.randn(2, 3, 4, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    v = torch.randn(2, 3, 4, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    assert torch.autograd.gradcheck(velocity_cosine_loss, (pred, v))
+    x1 = torch.randn(2, 3, 4, dtype=torch.float64, device=kernel_device)
+    x0 = flow_matching_noise(9, (2, 3, 4), kernel_device, torch.float64)
+    t = torch.rand(2, dtype=torch.float64, device=kernel_device)
+    k = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=9, cosine_weight=0.7, backend="triton")
+    r = _loss_and_grads(lambda p, a, tt: _cos_formula(p, a, x0, 0.7), pred, x1, t)
+    torch.testing.assert_close(k[1], r[1], rtol=1e-12, atol=1e-12)  # fp64 accumulation for fp64 inputs
+    torch.testing.assert_close(k[2], r[2], rtol=1e-12, atol=1e-12)
+
+
+def test_cosine_weight_zero_uses_the_plain_kernels(kernel_device, monkeypatch):
+    from rectok_fast._backend import kernels
+
+    mod = kernels("flow_matching")
+    shape = (2, 3, 5)
+    x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
+    t = torch.rand(2, device=kernel_device)
+    base = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=4, backend="triton")
+
+    class _Boom:
+        def __getitem__(self, grid):
+            raise AssertionError("cosine kernel launched")
+
+    monkeypatch.setattr(mod, "flow_cos_loss_fwd_kernel", _Boom())
+    monkeypatch.setattr(mod, "flow_cos_loss_bwd_kernel", _Boom())
+    zero = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=4, cosine_weight=0.0, backend="triton")
+    for u, v in zip(base, zero):
+        assert torch.equal(u, v)
+    with pytest.raises(AssertionError, match="cosine kernel"):
+        flow_matching_loss(pred, x1, t, seed=4, cosine_weight=0.1, backend="triton")
+
+
+def test_cosine_validation():
+    x1 = torch.randn(4)
+    with pytest.raises(ValueError, match="channel dim"):
+        flow_matching_loss(x1, x1, torch.rand(4), seed=1, cosine_weight=1.0)
+    for bad in (float("nan"), float("inf"), True, torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="cosine_weight"):
+            flow_matching_loss(torch.randn(2, 3), torch.randn(2, 3), torch.rand(2), seed=1, cosine_weight=bad)
+
+
+def test_cosine_reference_backend():
+    shape = (2, 3, 5)
+    x1, pred, x0 = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    t = torch.rand(2)
+    out = flow_matching_loss(pred, x1, t, noise=x0, cosine_weight=0.4, backend="reference")
+    torch.testing.assert_close(out, _cos_formula(pred, x1, x0, 0.4))
+
+
+def test_cosine_opcheck_and_compile(kernel_device):
+    x1 = torch.randn(2, 3, 5, device=kernel_device, requires_grad=True)
+    pred = torch.randn(2, 3, 5, device=kernel_device, requires_grad=True)
+    seed = torch.tensor([3], device=kernel_device)
+    x0 = torch.randn(2, 3, 5, device=kernel_device)
+    ops = torch.ops.rectok_fast
+    torch.library.opcheck(ops.flow_matching_loss_fwd.default, (pred, x1, seed, None, 0, 0, 10, 0.5))
+    torch.library.opcheck(ops.flow_matching_loss_fwd.default, (pred, x1, None, x0, 0, 0, 10, 0.5))
+    torch.library.opcheck(ops.flow_matching_loss_fwd.default, (pred, x1, None, None, 2, 7, 7, 0.5))
+    g = torch.tensor(1.5, device=kernel_device)
+    torch.library.opcheck(
+        ops.flow_matching_loss_bwd.default, (g, pred.detach(), x1.detach(), seed, None, 1, 0, True, True, 10, 0.5)
+    )
+    torch.library.opcheck(
+        ops.flow_matching_loss_bwd.default, (g, pred.detach(), x1.detach(), None, x0, 0, 0, False, True, 10, 0.5)
+    )
+    t = torch.rand(2, device=kernel_device)
+
+    def f(p, a, s):
+        return flow_matching_loss(p, a, t, seed=s, cosine_weight=0.5, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if kernel_device == "cpu" else "inductor")
+    p1, a1, p2, a2 = _leaf(pred), _leaf(x1), _leaf(pred), _leaf(x1)
+    out_c, out_e = compiled(p1, a1, seed), f(p2, a2, seed)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(p1.grad, p2.grad)
+    torch.testing.assert_close(a1.grad, a2.grad)

@@ -152,6 +152,8 @@ def _cos_layout(pred, x1):
 
 
 def _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight):
+    if x1.numel() == 0:
+        return torch.full((), float("nan"), device=x1.device, dtype=torch.float32)
     p, x = _rows(pred), _rows(x1)
     B = x.shape[0]
     C, S, bc, bs, warps = _cos_layout(pred, x1)
@@ -222,11 +224,9 @@ def _cos_loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_d
     return dpred, dx1
 
 
-def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight=0.0):
+def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds):
     if x1.numel() == 0:
         return torch.full((), float("nan"), device=x1.device, dtype=torch.float32)
-    if cosine_weight:
-        return _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight)
     p, x = _rows(pred), _rows(x1)
     B, M = x.shape
     grid, rows, warps = _grid(B, M)
@@ -255,9 +255,7 @@ def _loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight=0.0):
     return part.sum()  # the partials are already divided by B·M: one reduction, no division kernel
 
 
-def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds, cosine_weight=0.0):
-    if cosine_weight:
-        return _cos_loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds, cosine_weight)
+def _loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_dx1, rounds):
     dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype) if need_dpred else pred.new_empty(0)
     dx1 = torch.empty(x1.shape, device=x1.device, dtype=x1.dtype) if need_dx1 else x1.new_empty(0)
     if x1.numel() == 0 or not (need_dpred or need_dx1):
@@ -365,7 +363,9 @@ def _loss_fwd_op(
     philox_rounds: int = PHILOX_ROUNDS,
     cosine_weight: float = 0.0,
 ) -> torch.Tensor:
-    return _loss_fwd(pred, x1, seed, x0, sample_offset, seed_int, philox_rounds, cosine_weight)
+    if cosine_weight:
+        return _cos_loss_fwd(pred, x1, seed, x0, sample_offset, seed_int, philox_rounds, cosine_weight)
+    return _loss_fwd(pred, x1, seed, x0, sample_offset, seed_int, philox_rounds)
 
 
 @_loss_fwd_op.register_fake
@@ -388,9 +388,10 @@ def _loss_bwd_op(
     cosine_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dpred, dx1); each is an empty tensor when not needed."""
-    return _loss_bwd(
-        grad, pred, x1, seed, x0, sample_offset, seed_int, need_dpred, need_dx1, philox_rounds, cosine_weight
-    )
+    args = (grad, pred, x1, seed, x0, sample_offset, seed_int, need_dpred, need_dx1, philox_rounds)
+    if cosine_weight:
+        return _cos_loss_bwd(*args, cosine_weight)
+    return _loss_bwd(*args)
 
 
 @_loss_bwd_op.register_fake
