@@ -574,3 +574,28 @@ def test_cosine_opcheck_and_compile(kernel_device):
     out_e.backward()
     torch.testing.assert_close(p1.grad, p2.grad)
     torch.testing.assert_close(a1.grad, a2.grad)
+
+
+@pytest.mark.parametrize("time", ["rectok", "sit"])
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_cosine_module_flow_matching_loss(kernel_device, time, path):
+    """nn.FlowMatchingLoss(cosine_weight=) is mse + w·mean(1 − cos(pred, v)) with the module's v."""
+    from rectok_fast.nn import FlowMatchingLoss
+
+    shape = (2, 5, 3, 2)
+    x1, pred, eps = (torch.randn(shape, device=kernel_device) for _ in range(3))
+    t = torch.rand(2, device=kernel_device)
+    fm = FlowMatchingLoss(time=time, path=path, cosine_weight=0.6)
+    assert "cosine_weight=0.6" in repr(fm)
+    backend = "triton" if path == "linear" else "reference"
+    out, dp, _ = _loss_and_grads(lambda p, a, tt: fm(p, a, tt, noise=eps, backend=backend), pred, x1, t)
+    v = fm.target(x1, t, eps)
+    ref, rdp, _ = _loss_and_grads(lambda p, a, tt: _cos_formula(p, v + 0 * a, 0, 0.6), pred, x1, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp, rdp, rtol=1e-5, atol=1e-7)
+    if path == "linear":  # seeded: the fused op with the regenerated noise
+        x0 = flow_matching_noise(8, shape, kernel_device)
+        seeded = fm(pred, x1, t, 8, backend="triton")
+        assert torch.equal(seeded, fm(pred, x1, t, noise=x0, backend="triton"))
+    with pytest.raises(ValueError, match="cosine_weight"):
+        FlowMatchingLoss(cosine_weight=float("nan"))

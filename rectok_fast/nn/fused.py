@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .. import ops
 from .._backend import BACKENDS_TRITON, record
+from ..reference.flow_matching import velocity_cosine_loss
 from ..schedules import TOKENIZER_SCHEDULES, sample_time
 
 SEMANTIC_TARGETS = ("rec+align", "reconstruction", "align")  # which tokens the semantic loss scores
@@ -555,18 +556,30 @@ class FlowMatchingLoss(nn.Module):
     :func:`rectok_fast.last_backend`) under ``backend="auto"``/``"reference"`` and raises under
     ``"triton"``; its seeded noise is ``torch.randn`` from a ``torch.Generator`` seeded with ``seed``.
 
+    ``cosine_weight`` (LightningDiT's ``use_cosine_loss``; 0 by default) adds
+    ``cosine_weight · mean over (b, spatial) of (1 − cos(pred, v))``, cos over the channel dim 1 of
+    (B, C, ...) inputs as ``F.cosine_similarity(dim=1, eps=1e-8)``; on the linear path it is fused in
+    ``ops.flow_matching_loss(cosine_weight=)`` (v from the regenerated noise, x0 never stored).
+
     Example (SiT / REPA convention)::
 
         fm = FlowMatchingLoss(time="sit")
         loss = fm(model(fm.xt(x, t, seed), t, y), x, t, seed)
     """
 
-    def __init__(self, backend: str = "auto", *, time: str = "rectok", path: str = "linear"):
+    def __init__(
+        self, backend: str = "auto", *, time: str = "rectok", path: str = "linear", cosine_weight: float = 0.0
+    ):
         super().__init__()
         own = "FlowMatchingLoss"
         self.backend = check_backend(own, backend)
         self.time = check_choice(own, "time", time, FM_TIMES)
         self.path = check_choice(own, "path", path, FM_PATHS)
+        if isinstance(cosine_weight, bool) or not isinstance(cosine_weight, (int, float)):
+            raise ValueError(f"{own}: `cosine_weight` must be a python float, got {cosine_weight!r}")
+        if not math.isfinite(cosine_weight):
+            raise ValueError(f"{own}: `cosine_weight` must be finite, got {cosine_weight!r}")
+        self.cosine_weight = float(cosine_weight)
 
     def _args(self, op: str, seed, noise, sample_offset, backend):
         backend = self.backend if backend is None else check_backend("FlowMatchingLoss", backend)
@@ -638,12 +651,19 @@ class FlowMatchingLoss(nn.Module):
                     f"FlowMatchingLoss: `pred` must have the shape of `x1` {tuple(x1.shape)}, got {tuple(pred.shape)}"
                 )
             v = self._cosine(x1, t, seed, noise)[1]
-            return (pred.to(v.dtype) - v).pow(2).mean()  # fp32 (fp64 for fp64 inputs)
-        if self.time == "sit":  # (pred − (ε − x))² = (−pred − (x − ε))²
-            return ops.flow_matching_loss(
-                -pred, x1, 1 - t, noise=noise, seed=seed, sample_offset=sample_offset, backend=backend
-            )
-        return ops.flow_matching_loss(pred, x1, t, noise=noise, seed=seed, sample_offset=sample_offset, backend=backend)
+            loss = (pred.to(v.dtype) - v).pow(2).mean()  # fp32 (fp64 for fp64 inputs)
+            if self.cosine_weight:
+                if pred.dim() < 2:
+                    raise ValueError("FlowMatchingLoss: the cosine term needs a channel dim: (B, C, ...) inputs")
+                loss = loss + self.cosine_weight * velocity_cosine_loss(pred.to(v.dtype), v)
+            return loss
+        kw = {"noise": noise, "seed": seed, "sample_offset": sample_offset, "backend": backend}
+        if self.cosine_weight:
+            kw["cosine_weight"] = self.cosine_weight
+        if self.time == "sit":  # (pred − (ε − x))² = (−pred − (x − ε))², cos(pred, ε − x) = cos(−pred, x − ε)
+            return ops.flow_matching_loss(-pred, x1, 1 - t, **kw)
+        return ops.flow_matching_loss(pred, x1, t, **kw)
 
     def extra_repr(self) -> str:
-        return f"time={self.time!r}, path={self.path!r}, backend={self.backend!r}"
+        cw = f", cosine_weight={self.cosine_weight!r}" if self.cosine_weight else ""
+        return f"time={self.time!r}, path={self.path!r}{cw}, backend={self.backend!r}"
