@@ -599,3 +599,27 @@ def test_cosine_module_flow_matching_loss(kernel_device, time, path):
         assert torch.equal(seeded, fm(pred, x1, t, noise=x0, backend="triton"))
     with pytest.raises(ValueError, match="cosine_weight"):
         FlowMatchingLoss(cosine_weight=float("nan"))
+
+
+def test_cosine_ditdh_training_loss():
+    """DiTDH.training_loss(cosine_weight=): LightningDiT's loss, fused (seeded) and reference (noise)."""
+    import torch.nn.functional as F
+
+    from rectok_fast.models.ditdh import DiTDH
+
+    torch.manual_seed(3)
+    m = DiTDH(in_channels=8, input_size=4, hidden_size=(32, 48), depth=(1, 1), num_heads=(2, 2), num_classes=5)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    B = 3
+    x1, y, t = torch.randn(B, 8, 4, 4), torch.tensor([0, 1, 2]), torch.rand(B)
+    x0 = flow_matching_noise(9, (B, 8, 4, 4), "cpu")
+    kw = {"t": t, "label_drop": 0.0, "cosine_weight": 0.5}
+    fused = m.training_loss(x1, y, seed=9, backend="triton", **kw)
+    ref = m.training_loss(x1, y, noise=x0, backend="reference", **kw)
+    tt = t.view(-1, 1, 1, 1)
+    pred, v = m(tt * x1 + (1 - tt) * x0, t, y), x1 - x0
+    want = (pred - v).pow(2).mean() + 0.5 * (1 - F.cosine_similarity(pred, v, dim=1)).mean()
+    torch.testing.assert_close(ref, want)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    assert abs(fused.item() - m.training_loss(x1, y, seed=9, backend="triton", t=t, label_drop=0.0).item()) > 1e-3

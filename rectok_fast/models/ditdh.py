@@ -684,6 +684,7 @@ def training_loss(
     t: torch.Tensor | None = None,
     backend: str | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
+    cosine_weight: float = 0.0,
 ) -> torch.Tensor:
     """One flow-matching training loss (SPEC §4), a 0-dim fp32 tensor.
 
@@ -711,6 +712,9 @@ def training_loss(
             model's :attr:`DiTDH.ops_backend`, ``"auto"`` for a model without one).
         autocast: a context manager entered around the model call only (e.g. ``torch.autocast``); ``x_t``
             and the loss are computed outside it, the prediction upcast to fp32 first.
+        cosine_weight: LightningDiT's cosine term (``use_cosine_loss``; 0, the default, leaves it out):
+            adds ``cosine_weight · mean over (b, h, w) of (1 − cos(v, x1 − x0))`` over the channel dim
+            (see :func:`rectok_fast.ops.flow_matching_loss`; fused, x0 regenerated).
 
     Returns ``mean((v(x_t, t, y') - (x1 - x0))²)`` with ``x_t = t·x1 + (1 - t)·x0``.
     Compiles with ``torch.compile(fullgraph=True)`` (except a tensor ``seed`` on the reference path,
@@ -734,4 +738,6 @@ def training_loss(
     x_t = flow_matching_xt(x1, t, **nz)
     with autocast if autocast is not None else contextlib.nullcontext():
         pred = model(x_t, t, y)
+    if cosine_weight:
+        nz["cosine_weight"] = cosine_weight
     return flow_matching_loss(pred.float(), x1, t, **nz)
