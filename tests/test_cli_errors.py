@@ -94,10 +94,14 @@ def test_overrides_after_options_are_parsed(tmp_path, capsys):
         ("novalue", "key=value"),
         ("optim.betas=[0.9", "optim.betas"),
         ("data.embedded_len=4", "smaller than one global batch"),
+        ("data.image_size=33", "not a multiple of patch_size"),
+        ("model.extra.nope=1", "'nope'"),
+        ("model.extra.gamma=fast", "gamma"),
+        ("loss.perceptual_enabled=true loss.lpips_path=/nonexistent/lpips", "/nonexistent/lpips"),
     ],
 )
 def test_bad_override_is_one_line(tmp_path, capsys, override, needle):
-    _fails(capsys, ["train-tokenizer", "--out", str(tmp_path / "o"), override], needle)
+    _fails(capsys, ["train-tokenizer", "--out", str(tmp_path / "o"), "--max-steps", "1", *override.split()], needle)
 
 
 def test_bad_yaml_value_is_one_line(tmp_path, capsys):

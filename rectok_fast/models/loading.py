@@ -18,6 +18,7 @@ allow-listed for the released checkpoints).  A file that needs any other global 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, RunConfig, from_dict
-from ..errors import CheckpointError, PathError
+from ..errors import CheckpointError, ConfigError, ConfigTypeError, PathError
 from ..utils.checkpoint import (
     SAFE_GLOBALS,
     TRUST_FLAG,
@@ -80,7 +81,10 @@ def build_rectok(mc: ModelConfig, image_size: int) -> RecTok:
         img_size=image_size, token_channels=mc.latent_channels, encoder=mc.name, decoder=mc.name, teachers=teachers
     )
     kw.update(extra)
-    return RecTok(RecTokConfig(**kw))
+    where = f"model (model.name={mc.name!r}, image size {image_size}, model.extra)"
+    cfg = _config_or_error(RecTokConfig, kw, where)
+    with _config_errors(where):
+        return RecTok(cfg)
 
 
 def build_ditdh(mc: ModelConfig, channels: int, grid: int, num_classes: int | None = None) -> DiTDH:
@@ -92,9 +96,30 @@ def build_ditdh(mc: ModelConfig, channels: int, grid: int, num_classes: int | No
     kw = dict(in_channels=channels, input_size=grid, num_classes=mc.num_classes if num_classes is None else num_classes)
     kw.update(extra)
     key = mc.name.upper().removeprefix("DITDH-").removeprefix("DITDH_")
+    where = f"model (model.name={mc.name!r}, model.extra)"
     if key in DITDH_SIZES:
-        return DiTDH.from_size(key, **kw)
-    return DiTDH(DiTDHConfig(**kw))
+        with _config_errors(where):
+            return DiTDH.from_size(key, **kw)
+    cfg = _config_or_error(DiTDHConfig, kw, where)
+    with _config_errors(where):
+        return DiTDH(cfg)
+
+
+@contextlib.contextmanager
+def _config_errors(where: str):
+    """A ``ValueError`` / ``TypeError`` of a model built from a recipe (its constructors validate their
+    arguments) is a recipe problem: :class:`ConfigError` with the constructor's message."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise (ConfigTypeError if isinstance(e, TypeError) else ConfigError)(f"{where}: {e}") from e
+
+
+def _config_or_error(cls: type, kw: dict, where: str) -> Any:
+    with _config_errors(where):  # TypeError: a key of model.extra that is no field of the model's config
+        return cls(**kw)
 
 
 # ----------------------------------------------------------------------------- checkpoint unwrapping

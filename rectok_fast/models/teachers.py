@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._constants import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import UserError
 from ..nn.layers import Block, RMSNorm
 
 TOKENIZER_PATCH = 16
@@ -47,8 +48,9 @@ _HOW = (
 )
 
 
-class TeacherUnavailableError(RuntimeError):
-    """A teacher's package or weights are missing; the message says how to provide them."""
+class TeacherUnavailableError(UserError, RuntimeError):
+    """A teacher's package or weights are missing; the message says how to provide them (a user error:
+    one line in the CLI)."""
 
 
 class Teacher(nn.Module):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._constants import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import PathError
 
 __all__ = [
     "ConvNeXtLogitLoss",
@@ -36,8 +37,8 @@ CONVNEXT_S_FILE = "convnext_small-0c510722.pth"
 LPIPS_LIN_FILE = "vgg.pth"
 
 
-class MissingWeightsError(FileNotFoundError):
-    pass
+class MissingWeightsError(PathError):
+    """Local weights a loss needs are not on disk (a user error: one line in the CLI); a FileNotFoundError."""
 
 
 def _hub_checkpoints() -> str:
