@@ -20,6 +20,7 @@ __all__ = [
     "ConfigKeyError",
     "ConfigTypeError",
     "DataError",
+    "DeviceError",
     "DiskFullError",
     "PathError",
     "RunDirError",
@@ -80,6 +81,12 @@ class RunDirError(UserError, FileExistsError):
     """A run directory that already holds a run (pass ``--resume`` or ``--overwrite``)."""
 
     kind = "run-dir"
+
+
+class DeviceError(UserError, RuntimeError):
+    """A device that was asked for and is not there (``--device cuda`` without a visible GPU)."""
+
+    kind = "device"
 
 
 class DiskFullError(UserError, OSError):

@@ -104,6 +104,17 @@ def test_bad_override_is_one_line(tmp_path, capsys, override, needle):
     _fails(capsys, ["train-tokenizer", "--out", str(tmp_path / "o"), "--max-steps", "1", *override.split()], needle)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of --device cuda without a GPU")
+def test_missing_device_is_one_line(tmp_path, capsys):
+    _fails(capsys, ["train-tokenizer", "--out", str(tmp_path / "o"), "--device", "cuda"], "--device cuda")
+
+
+def test_kernel_noise_without_triton_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter
+    argv = ["train-tokenizer", "--out", str(tmp_path / "o"), "device=cpu", "noise=kernel", "--max-steps", "1"]
+    _fails(capsys, argv, "noise=kernel", "noise=materialized")
+
+
 def test_bad_yaml_value_is_one_line(tmp_path, capsys):
     p = tmp_path / "r.yaml"
     p.write_text("kind: dit\nlog:\n  ckpt_every: 0\n")

@@ -65,6 +65,14 @@ def resolve_noise_mode(mode: str, device: torch.device) -> str:
         raise ConfigError(f"noise must be one of {NOISE_MODES}, got {mode!r}")
     if mode == "auto":
         return "kernel" if device.type == "cuda" else "materialized"
+    if mode == "kernel" and device.type != "cuda":
+        from .._backend import triton_interpret
+
+        if not triton_interpret():
+            raise ConfigError(
+                "noise=kernel needs the Triton kernels: a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                "use noise=materialized or noise=auto"
+            )
     return mode
 
 

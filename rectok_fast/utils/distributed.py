@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import DeviceError
+
 
 @dataclass
 class DistInfo:
@@ -36,7 +38,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' requested but no CUDA device is visible")
+            raise DeviceError("--device cuda (device=cuda) requested but no CUDA device is visible")
         return torch.device("cuda", local_rank)
     return torch.device(device)
 
