@@ -15,7 +15,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .philox import flow_normals, philox_key, sample_words, to_store, zero_like_layout
+from .philox import (
+    bm_angle_cos,
+    bm_angle_sin,
+    bm_radius,
+    flow_normals,
+    philox4x32,
+    philox_key,
+    sample_words,
+    to_store,
+    zero_like_layout,
+)
 
 _DNS = ["seed_int", "s_off"]
 
@@ -393,8 +403,13 @@ def _x0_at(
         s_lo, s_hi = sample_words(b + s_off)
         g = (m // (4 * LANE)) * LANE + m % LANE
         j = (m // LANE) % 4
-        a0, a1, a2, a3 = flow_normals(k0, k1, s_lo, s_hi, g, g.to(tl.uint32) * 0, ROUNDS)
-        a = tl.where(j == 0, a0, tl.where(j == 1, a1, tl.where(j == 2, a2, a3))).to(ACC)
+        # flow_normals' lane j of its Philox call, computing only that lane's Box–Muller half:
+        # j = 0, 1: r(w0)·(cos, sin)(w1); j = 2, 3: r(w2)·(cos, sin)(w3) (the same arithmetic, bit for bit)
+        w0, w1, w2, w3 = philox4x32(g.to(tl.uint32), s_lo * 0, s_lo, s_hi, k0, k1, ROUNDS)
+        lo = j < 2
+        wa = tl.where(lo, w1, w3)
+        ang = tl.where((j & 1) == 0, bm_angle_cos(wa), bm_angle_sin(wa))
+        a = (bm_radius(tl.where(lo, w0, w2)) * ang).to(ACC)
         a = tl.where(mask, a, 0.0)
     return a
 
