@@ -295,6 +295,21 @@ def _is_repo_file(path: str) -> bool:
     return "site-packages" not in path and "dist-packages" not in path
 
 
+def _call_site(ins: list, lp: Loop) -> tuple:
+    """The frames outside the Python loop ``lp.pyfor`` (where its function was inlined), the most
+    common chain among the loop's instructions; () for a loop in the kernel's own body."""
+    pf = lp.pyfor
+    counts: dict[tuple, int] = {}
+    for i in range(lp.start, lp.end + 1):
+        fr = ins[i].frames
+        for k, (f, line) in enumerate(fr):
+            if f == pf.file and pf.line <= line <= pf.end_line:
+                key = tuple(fr[k + 1 :])
+                counts[key] = counts.get(key, 0) + 1
+                break
+    return max(counts, key=counts.get) if counts else ()
+
+
 def analyze_sass(
     sass: SassInfo, kernel_name: str, values: dict, hints: dict | None = None, unmapped_trip: float | None = None
 ) -> dict:
@@ -343,6 +358,14 @@ def analyze_sass(
     # a SASS loop is the Python loop whose line appears among its instructions closest to the
     # outermost frame (a helper's while inlined into a for body sits one frame deeper than the for)
     for lp in loops:
+        # the back edge carries its loop's line (the induction step and the branch): the innermost
+        # frame of the branch that is a for/while line names the loop; instructions scheduled into
+        # a loop from outside it (hoisted address math of an enclosing loop) cannot mislead that
+        edge = next((pf for f, line in ins[lp.end].frames for pf in fors_by_file.get(f, ()) if pf.line == line), None)
+        if edge is not None:
+            lp.pyfor = edge
+            lp.trip, lp.how = eval_trip(lp.pyfor, kernel_name, values, hints)
+            continue
         best: dict[PyFor, tuple] = {}
         for i in range(lp.start, lp.end + 1):
             fr = ins[i].frames
@@ -357,13 +380,14 @@ def analyze_sass(
             lp.trip, lp.how = eval_trip(lp.pyfor, kernel_name, values, hints)
     # several back edges of one Python loop: overlapping ones are one loop (a loop with several
     # latches), disjoint ones are copies (an unrolled main loop + its remainder) that share the trips
-    # in proportion to their body sizes (total ~ trips x the smallest body)
-    groups: dict[PyFor, list[Loop]] = {}
+    # in proportion to their body sizes (total ~ trips x the smallest body).  Copies of a loop in a
+    # @triton.jit helper inlined at different call sites are different loops: each runs its trips.
+    groups: dict[tuple, list[Loop]] = {}
     for lp in loops:
         if lp.pyfor is not None:
-            groups.setdefault(lp.pyfor, []).append(lp)
+            groups.setdefault((lp.pyfor, _call_site(ins, lp)), []).append(lp)
     merged: list[Loop] = [lp for lp in loops if lp.pyfor is None]
-    for pf, lps in groups.items():
+    for (pf, _site), lps in groups.items():
         lps.sort(key=lambda lp: lp.start)
         runs: list[Loop] = []
         for lp in lps:

@@ -25,10 +25,16 @@ pointer argument moves (:mod:`benchmarks._ttir`).  ``csrc/*.cu`` is compiled wit
 
 The time model, per launch ``k`` of an op (summed over the op's launches)::
 
-    t_k = max(bytes_k / BW_copy, thread_instructions_k / issue_rate, load_bytes_k / BW_reachable_k)
+    t_k = max(bytes_k / BW_copy, thread_instructions_k / issue_rate, load_bytes_k / BW_reachable_k,
+              flops_k / matrix_rate)
     t   = Σ_k t_k + launches · t_launch
     BW_reachable_k = resident warps (all SMs, capped by the grid) × load bytes in flight per warp / latency
     predicted_frac_copy_bw = bytes_min / (t · BW_copy)
+    predicted_frac_matrix_rate = flops_min / (t · matrix_rate)      (compute-bound ops only: distmat)
+
+The matrix term exists only for kernels whose op states its matmul FLOPs (``distmat_align_loss``);
+``matrix_rate`` is the bf16 tensor-core rate, or for fp32 inputs whatever the kernel's ``tl.dot``
+precision runs on (:func:`matrix_rate`).
 
 with the constants in :data:`MACHINES` / :data:`MODEL` (stated in the JSON and the markdown).  These
 are predictions; the README puts them beside GPU measurements when ``benchmarks/results/summary.json``
@@ -59,13 +65,29 @@ START, END = "<!-- kernel-report:start -->", "<!-- kernel-report:end -->"
 MACHINES = {
     # 132 SMs x 4 schedulers x 1.98 GHz x 32 lanes = 3.35e13 thread-instructions/s (one warp instruction
     # issued per scheduler per cycle).  BW_copy: device-to-device copy, read + write counted.
-    "H200": {"sms": 132, "clock_hz": 1.98e9, "schedulers": 4, "bw_copy": 4.3e12, "bw_note": "measured copy"},
+    # matrix_bf16: dense bf16 tensor-core rate the model uses for compute-bound ops (FLOP/s, 2 per
+    # multiply-add): ~790 TFLOP/s, the measured-GEMM figure quoted by the issue for an H200 (989
+    # datasheet), not measured here; the H100 SXM has the same GH100 compute, so the same rate is assumed.
+    # matrix_tf32: 494 TFLOP/s dense datasheet (used only if the fp32 dots ran as TF32).
+    "H200": {
+        "sms": 132,
+        "clock_hz": 1.98e9,
+        "schedulers": 4,
+        "bw_copy": 4.3e12,
+        "bw_note": "measured copy",
+        "matrix_bf16": 790e12,
+        "matrix_tf32": 494e12,
+        "matrix_note": "bf16 dense ~790 TFLOP/s measured GEMM (989 datasheet); TF32 dense 494 datasheet",
+    },
     "H100": {
         "sms": 132,
         "clock_hz": 1.98e9,
         "schedulers": 4,
         "bw_copy": 3.0e12,
         "bw_note": "measured copy (3.35 datasheet)",
+        "matrix_bf16": 790e12,
+        "matrix_tf32": 494e12,
+        "matrix_note": "assumed equal to the H200's (same GH100 compute)",
     },
 }
 MODEL = {
@@ -83,10 +105,37 @@ SHAPES = {"B": 256, "N": 256, "C": 128, "W": 768, "D": 1024, "K": 192, "img": 25
 # the recipe's mask ratio r = max(0, U(-0.1, 0.4)) -> K = ceil(N (1 - r)) in [154, 256]
 MASK_RATIO_RANGE = (0.0, 0.4)
 SEED = 1234
+DISTMAT_MARGIN = 0.25  # a float argument: its value does not change the compiled kernels
 
 
 def issue_rate(m: dict) -> float:
     return m["sms"] * m["schedulers"] * m["clock_hz"] * 32
+
+
+FP32_FMA_LANES_PER_SM = 128  # sm_90: 128 fp32 FMA lanes per SM
+
+
+def fp32_dot_precision() -> str | None:
+    """``input_precision`` the distmat kernels pass to ``tl.dot`` for fp32 inputs (read from the op)."""
+    try:
+        return _ops_module("distmat").FP32_DOT_PRECISION
+    except Exception:
+        return None
+
+
+def matrix_rate(m: dict, dtn: str) -> tuple[float, str]:
+    """FLOP/s of a ``tl.dot`` for inputs of dtype ``dtn`` and what it runs on.  bf16: the tensor cores
+    (``matrix_bf16``).  fp32: ``input_precision="ieee"`` is exact fp32 FMA on the CUDA cores
+    (SMs x 128 lanes x 2 x clock, ~66.9 TFLOP/s: the 67 datasheet); "tf32" the TF32 tensor-core rate,
+    "tf32x3" a third of it."""
+    if dtn != "fp32":
+        return m["matrix_bf16"], "bf16 tensor cores"
+    prec = fp32_dot_precision()
+    if prec in ("tf32", None):  # None: Triton's default for fp32 dots is tf32
+        return m["matrix_tf32"], "TF32 tensor cores"
+    if prec == "tf32x3":
+        return m["matrix_tf32"] / 3, "3xTF32 tensor cores"
+    return m["sms"] * FP32_FMA_LANES_PER_SM * 2 * m["clock_hz"], "fp32 FMA (tl.dot input_precision='ieee')"
 
 
 # ----------------------------------------------------------------------------- op descriptions
@@ -105,6 +154,9 @@ class Built:
     bytes_bwd: int
     elements: int  # the op's elements (per-element counts divide by this)
     hints: dict | None = None  # data-dependent loop bounds (range() argument text -> trips)
+    flops: dict | None = None  # compute-bound ops: kernel name -> (matmul FLOPs executed, minimum FLOPs)
+    # kernel name -> share of its programs that run the counted path (the others return at once)
+    active_programs: dict | None = None
 
 
 def _ops_module(name):
@@ -128,6 +180,7 @@ class OpSpecs:
             "flow_matching_loss",
             "cosine_align_loss",
             "kl_align_loss",
+            "distmat_align_loss",
             "gaussian_kl",
             "gather_tokens",
             "restore_tokens",
@@ -176,7 +229,16 @@ class OpSpecs:
                 def gsel(outs):
                     return [(o, f(o.shape, o.dtype, False)) for o in outs[1:] if o.requires_grad]
 
-            return Built(lambda: ops.posterior_flow(m, t, 1.0, seed=SEED, backend="triton"), [m], gsel, fwd, bwd, bnc)
+            # posterior_flow_zt_only asks for no z: the launcher compiles the z-less kernel (WRITE_Z=False)
+            return_z = name == "posterior_flow"
+            return Built(
+                lambda: ops.posterior_flow(m, t, 1.0, seed=SEED, return_z=return_z, backend="triton"),
+                [m],
+                gsel,
+                fwd,
+                bwd,
+                bnc,
+            )
         if name == "flow_matching_xt":
             x1 = f((B, N, C), dt, grad)
             tt = f((B,), torch.float32, grad)
@@ -205,6 +267,36 @@ class OpSpecs:
             fn = getattr(ops, name)
             n = B * N * D
             return Built(lambda: fn(a, b, backend="triton"), [a], all_outs, 2 * n * s, 3 * n * s, n)
+        if name == "distmat_align_loss":  # student (B, N, D), teacher (B, N, Dt = D) detached
+            from rectok_fast.ops.distmat import distmat_align_flops, distmat_tile_config
+
+            Dt = D
+            cfg = distmat_tile_config(N, D, Dt, dt, dt)
+            # the feature-chunk loops `range(0, K, BLOCK_K)` sit in @triton.jit helpers whose K (= D or Dt)
+            # is not a launch argument name: their trips, the same for both inputs here (D = Dt)
+            assert D // cfg["BLOCK_D"] == Dt // cfg["BLOCK_DT"]
+            chunk_hints = {"K": float(math.ceil(D / cfg["BLOCK_D"]))}
+            a = f((B, N, D), dt, grad)
+            b = f((B, N, Dt), dt, False)
+            T_ = math.ceil(N / cfg["BLOCK_I"])
+            fl_f = distmat_align_flops(B, N, D, Dt)
+            fl_t = distmat_align_flops(B, N, D, Dt, backward=True)
+            flops = {
+                "distmat_fwd_kernel": (fl_f["flops"], fl_f["minimum"]),
+                "distmat_bwd_kernel": (fl_t["flops"] - fl_f["flops"], fl_t["minimum"] - fl_f["minimum"]),
+            }
+            return Built(
+                lambda: ops.distmat_align_loss(a, b, DISTMAT_MARGIN, backend="triton"),
+                [a],
+                all_outs,
+                B * N * (D + Dt) * s + 8 * B * N,  # read both inputs; write the fp32 row norms (B, N) x 2
+                B * N * (D + Dt) * s + 8 * B * N + B * N * D * s,  # read inputs + norms; write dstudent
+                B * N * D,
+                hints=chunk_hints,
+                flops=flops,
+                # the forward's (i, j) tiles with j < i skip everything but one store of a zero partial
+                active_programs={"distmat_fwd_kernel": (T_ * (T_ + 1) / 2) / (T_ * T_)},
+            )
         if name == "gaussian_kl":
             mean = f((B, N, C), dt, grad)
             lv = f((B, N, C), dt, grad)
@@ -713,9 +805,18 @@ def _kernel_time(ka: dict, mach: dict) -> dict:
     warps_in_flight = active_blocks * ka["num_warps"]
     bw_reach = warps_in_flight * ka["inflight_load_bytes_per_warp"] / MODEL["memory_latency_s"]
     t_reach = ka["load_bytes"] / bw_reach if bw_reach > 0 else 0.0
-    t = max(t_mem, t_issue, t_reach)
-    bound = {t_mem: "memory", t_issue: "instruction issue", t_reach: "latency (too few loads in flight)"}[t]
-    return {"t": t, "t_mem": t_mem, "t_issue": t_issue, "t_reach": t_reach, "bw_reachable": bw_reach, "bound": bound}
+    t_matrix = ka["flops"] / matrix_rate(mach, ka["dtype"])[0] if ka.get("flops") else 0.0
+    t = max(t_mem, t_issue, t_reach, t_matrix)
+    bound = {
+        t_matrix: "matrix rate",
+        t_mem: "memory",
+        t_issue: "instruction issue",
+        t_reach: "latency (too few loads in flight)",
+    }[t]
+    out = {"t": t, "t_mem": t_mem, "t_issue": t_issue, "t_reach": t_reach, "bw_reachable": bw_reach, "bound": bound}
+    if ka.get("flops"):
+        out["t_matrix"] = t_matrix
+    return out
 
 
 # ----------------------------------------------------------------------------- CUDA (csrc/*.cu)
@@ -821,6 +922,13 @@ def op_report(name, dtn, dt, mode, spec, standin, kc, cuda) -> tuple[dict, list]
             ka = analyze_launch(ev["launch"], kc, built.elements, built.hints)
             ka["dtype"] = dtn
             ka["op"] = name
+            if built.flops and ka["name"] in built.flops:
+                ka["flops"], ka["flops_min"] = built.flops[ka["name"]]
+            if built.active_programs and ka["name"] in built.active_programs:
+                frac = built.active_programs[ka["name"]]  # program 0's path counted for that share only
+                ka["active_program_fraction"] = frac
+                ka["thread_instructions"] *= frac
+                ka["sass_per_element"] *= frac
             kernels.append(ka)
             steps.append({"kind": "triton", "name": ka["name"], "bytes": ka["bytes"], "launches": 1, "kernel": ka})
         elif ev["kind"] == "cpp":
@@ -877,6 +985,13 @@ def op_report(name, dtn, dt, mode, spec, standin, kc, cuda) -> tuple[dict, list]
         "predicted_frac_copy_bw": {},
         "bound_by": {},
     }
+    flop_kernels = [s["kernel"] for s in steps if s.get("kernel", {}).get("flops")]
+    if flop_kernels:
+        rep["flops"] = sum(k["flops"] for k in flop_kernels)
+        rep["flops_min"] = sum(k["flops_min"] for k in flop_kernels)
+        rep["matrix_rate_flop_s"] = {m: matrix_rate(mach, dtn)[0] for m, mach in MACHINES.items()}
+        rep["matrix_unit"] = matrix_rate(MACHINES["H200"], dtn)[1]
+        rep["predicted_frac_matrix_rate"] = {}
     for mname, mach in MACHINES.items():
         t = 0.0
         worst = (0.0, "")
@@ -893,6 +1008,9 @@ def op_report(name, dtn, dt, mode, spec, standin, kc, cuda) -> tuple[dict, list]
         t += t_launch
         rep["predicted_time_s"][mname] = t
         rep["predicted_frac_copy_bw"][mname] = rep["bytes_min"] / (t * mach["bw_copy"]) if t > 0 else None
+        if flop_kernels:  # compute-bound: useful FLOPs (no tile padding) over t at the matrix rate
+            rate = rep["matrix_rate_flop_s"][mname]
+            rep["predicted_frac_matrix_rate"][mname] = rep["flops_min"] / (t * rate) if t > 0 else None
         rep["bound_by"][mname] = worst[1]
         if t > 0 and t_launch / t > 0.2:
             rep["bound_by"][mname] += f"; launches {100 * t_launch / t:.0f}% of t"
@@ -947,8 +1065,19 @@ def build_report(op_names, dtypes, modes, do_variants=True, log=print) -> dict:
         "model": MODEL
         | {
             "issue_rate_thread_instr_per_s": {k: issue_rate(m) for k, m in MACHINES.items()},
-            "formula": "t = sum_k max(bytes_k/BW_copy, thread_instr_k/issue_rate, load_bytes_k/BW_reachable_k) "
-            "+ launches*t_launch; aten ops: bytes/BW_copy; predicted_frac_copy_bw = bytes_min/(t*BW_copy)",
+            "formula": "t = sum_k max(bytes_k/BW_copy, thread_instr_k/issue_rate, load_bytes_k/BW_reachable_k, "
+            "flops_k/matrix_rate) + launches*t_launch; aten ops: bytes/BW_copy; predicted_frac_copy_bw = "
+            "bytes_min/(t*BW_copy); compute-bound ops (distmat_align_loss): predicted_frac_matrix_rate = "
+            "flops_min/(t*matrix_rate)",
+            "matrix_rate": {
+                "bf16": "tensor cores, matrix_bf16 of the machine (790e12: a measured dense-GEMM figure for the "
+                "H200, 989e12 datasheet; quoted, not measured here)",
+                "fp32": f"{matrix_rate(MACHINES['H200'], 'fp32')[1]}: {matrix_rate(MACHINES['H200'], 'fp32')[0] / 1e12:.1f} "
+                f"TFLOP/s ({MACHINES['H200']['sms']} SMs x {FP32_FMA_LANES_PER_SM} lanes x 2 x "
+                f"{MACHINES['H200']['clock_hz'] / 1e9:.2f} GHz; 67 datasheet)",
+                "flops": "rectok_fast.ops.distmat.distmat_align_flops: executed (tile-padded, what the kernels do) "
+                "sets t_matrix; minimum (no padding, symmetric forward) is the useful work in the share",
+            },
             "notes": [
                 "instructions: SASS on the hot path, loop bodies times their trip counts (Python for loops matched "
                 "through line info, bounds evaluated from the launch arguments); both sides of an if count; cold "
@@ -1046,6 +1175,27 @@ def _pct(v):
     return "—" if v is None else f"{100 * v:.0f}%"
 
 
+def _matrix_share(r: dict, machine: str) -> str:
+    return _pct((r.get("predicted_frac_matrix_rate") or {}).get(machine)) if "flops_min" in r else "—"
+
+
+def _gflop(r: dict) -> str:
+    return f"{r['flops_min'] / 1e9:.0f}" if "flops_min" in r else "—"
+
+
+def _matrix_note(report: dict) -> str:
+    """The note that compute-bound ops are judged against the matrix rate (rates from the report)."""
+    mr = (report.get("model") or {}).get("matrix_rate") or {}
+    h200 = (report.get("machines") or MACHINES).get("H200", {})
+    bf16 = h200.get("matrix_bf16", MACHINES["H200"]["matrix_bf16"])
+    return (
+        "`distmat_align_loss` is compute-bound: judge it by its share of the matrix rate (useful matmul FLOPs / "
+        f"(t · rate)), not by its share of copy bandwidth. Rates: bf16 {bf16 / 1e12:.0f} TFLOP/s dense "
+        "(a measured dense-GEMM figure for the H200, quoted, not measured here; 989 datasheet; H100 assumed equal); "
+        f"fp32: {mr.get('fp32', 'see kernel_report.json')}."
+    )
+
+
 def _kt(ka: dict, key: str, scale: float | None = None) -> str:
     v = (ka.get("predicted") or {}).get("H200", {}).get(key)
     if v is None:
@@ -1072,14 +1222,20 @@ def markdown(report: dict, summary: dict | None = None) -> str:
         "Generated by `python -m benchmarks.kernel_report` into `benchmarks/results/static/kernel_report.json`; "
         "do not edit by hand.",
         "",
-        "Model: `t = Σ max(bytes/BW_copy, SASS instructions/issue rate, load bytes/BW_reachable) + launches·t_launch`; "
+        "Model: `t = Σ max(bytes/BW_copy, SASS instructions/issue rate, load bytes/BW_reachable, matmul FLOPs/matrix rate) "
+        "+ launches·t_launch` (the matrix term only for ops that state their FLOPs); "
         f"H200 BW_copy {MACHINES['H200']['bw_copy'] / 1e12:.1f} TB/s, H100 {MACHINES['H100']['bw_copy'] / 1e12:.1f} TB/s, "
         f"{issue_rate(MACHINES['H200']):.3g} thread-instructions/s, memory latency {MODEL['memory_latency_s'] * 1e9:.0f} ns, "
         f"t_launch {MODEL['t_launch_s'] * 1e6:.1f} µs. Share = bytes_min / (t · BW_copy).",
         "",
+        _matrix_note(report),
+        "",
     ]
-    head = "| op | dtype | mode | bytes_min MB | bytes_actual MB | launches | t H200 µs | predicted H200 | predicted H100 | limited by (H200) |"
-    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---|"
+    head = (
+        "| op | dtype | mode | bytes_min MB | bytes_actual MB | launches | t H200 µs | predicted H200 | predicted H100 "
+        "| limited by (H200) | GFLOP (min) | share of matrix rate H200 / H100 |"
+    )
+    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"
     if measured:
         head += " measured (GPU) |"
         sep += "---:|"
@@ -1090,7 +1246,8 @@ def markdown(report: dict, summary: dict | None = None) -> str:
                 row = (
                     f"| `{op}` | {dtn} | {mode} | {r['bytes_min'] / 1e6:.1f} | {r['bytes_actual'] / 1e6:.1f} | "
                     f"{r['launches']} | {r['predicted_time_s']['H200'] * 1e6:.1f} | {_pct(r['predicted_frac_copy_bw']['H200'])} | "
-                    f"{_pct(r['predicted_frac_copy_bw']['H100'])} | {r['bound_by']['H200']} |"
+                    f"{_pct(r['predicted_frac_copy_bw']['H100'])} | {r['bound_by']['H200']} | "
+                    f"{_gflop(r)} | {_matrix_share(r, 'H200')} / {_matrix_share(r, 'H100')} |"
                 )
                 if measured:
                     m = measured.get(op) if (dtn == "bf16" and mode == "fwd+bwd") else None
@@ -1132,8 +1289,11 @@ def readme_table(report: dict, summary: dict | None = None) -> str:
         "SASS per element: [`benchmarks/results/static/kernel_report.md`](benchmarks/results/static/kernel_report.md).",
         "",
     ]
-    head = "| op (bf16) | mode | bytes actual / min | launches | predicted H200 | predicted H100 | limited by |"
-    sep = "|---|---|---:|---:|---:|---:|---|"
+    head = (
+        "| op (bf16) | mode | bytes actual / min | launches | predicted H200 | predicted H100 | limited by "
+        "| share of matrix rate H200 |"
+    )
+    sep = "|---|---|---:|---:|---:|---:|---|---:|"
     if measured:
         head += " measured |"
         sep += "---:|"
@@ -1147,11 +1307,12 @@ def readme_table(report: dict, summary: dict | None = None) -> str:
         row = (
             f"| `{op}` | {mode} | {r['bytes_actual'] / r['bytes_min']:.2f}× | {r['launches']} | "
             f"{_pct(r['predicted_frac_copy_bw']['H200'])} | {_pct(r['predicted_frac_copy_bw']['H100'])} | "
-            f"{r['bound_by']['H200'] or 'memory (aten ops)'} |"
+            f"{r['bound_by']['H200'] or 'memory (aten ops)'} | {_matrix_share(r, 'H200')} |"
         )
         if measured:
             row += f" {_pct(measured.get(op)) if mode == 'fwd+bwd' else '—'} |"
         lines.append(row)
+    lines += ["", _matrix_note(report)]
     lines += ["", f"Kernels that spill: {', '.join(f'`{n}`' for n in spills) if spills else 'none'}."]
     if measured:
         lines.append(f"Measured: `frac_copy_bw` in `benchmarks/results/summary.json` ({summary.get('device')}).")

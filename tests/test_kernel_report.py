@@ -38,7 +38,7 @@ def report(tmp_path_factory):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [
         sys.executable, "-m", "benchmarks.kernel_report",
-        "--ops", "gaussian_kl", "restore_tokens",
+        "--ops", "gaussian_kl", "restore_tokens", "distmat_align_loss", "posterior_flow_zt_only",
         "--dtypes", "bf16", "--modes", "fwd+bwd", "--check", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -84,6 +84,49 @@ def test_restore_backward_costs_are_counted(report):
     # variants across the recipe's mask ratios were counted for the K-dependent kernels
     ks = [k for k in data["kernels"] if k["op"] == "restore_tokens"]
     assert ks and all(k.get("K_range") == [154, 256] for k in ks)
+
+
+def test_distmat_is_judged_against_the_matrix_rate(report, monkeypatch):
+    """The compute-bound op: bytes as stated, FLOPs from the op's helper, a matrix-rate term in the
+    time model and its share of the matrix rate in the JSON and both tables."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import kernel_report as kr
+    from rectok_fast.ops.distmat import distmat_align_flops
+
+    data, md = report
+    op = data["ops"]["distmat_align_loss"]["bf16"]["fwd+bwd"]
+    B = N = 256
+    D = 1024
+    assert op["bytes_min"] == 2 * (B * N * 2 * D * 2 + 8 * B * N) + B * N * D * 2
+    assert op["bytes_actual"] >= op["bytes_min"]  # + the backward's weight scratch and the norms' zero grads
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU tiles the report compiled
+    fl = distmat_align_flops(B, N, D, D, backward=True)
+    assert op["flops"] == pytest.approx(fl["flops"]) and op["flops_min"] == pytest.approx(fl["minimum"])
+    for m in ("H200", "H100"):
+        rate = op["matrix_rate_flop_s"][m]
+        assert rate == kr.MACHINES[m]["matrix_bf16"]
+        frac = op["predicted_frac_matrix_rate"][m]
+        assert 0 < frac <= 1.0
+        assert frac == pytest.approx(op["flops_min"] / (op["predicted_time_s"][m] * rate))
+    ks = {k["name"]: k for k in data["kernels"] if k["op"] == "distmat_align_loss"}
+    assert set(ks) == {"distmat_fwd_kernel", "distmat_bwd_kernel"}
+    for k in ks.values():
+        assert k["flops"] > 0 and k["predicted"]["H200"]["t_matrix"] > 0 and not k["unknown_loops"]
+        assert k["predicted"]["H200"]["t"] >= k["predicted"]["H200"]["t_matrix"]
+    assert "matrix rate" in md
+    row = next(ln for ln in kr.readme_table(data).splitlines() if ln.startswith("| `distmat_align_loss`"))
+    assert row.rstrip().endswith(f"| {100 * op['predicted_frac_matrix_rate']['H200']:.0f}% |")
+    assert "distmat_align_loss" not in data["errors"]
+
+
+def test_posterior_flow_zt_only_compiles_the_z_less_kernel(report):
+    """return_z=False: the forward writes no z, the backward reads no z gradient, nothing extra is allocated."""
+    data, _ = report
+    op = data["ops"]["posterior_flow_zt_only"]["bf16"]["fwd+bwd"]
+    ks = {k["name"]: k for k in data["kernels"] if k["op"] == "posterior_flow_zt_only"}
+    assert ks["posterior_flow_fwd_kernel"]["constexprs"]["WRITE_Z"] is False
+    assert ks["posterior_flow_bwd_kernel"]["constexprs"]["HAS_GZ"] is False
+    assert op["bytes_min"] <= op["bytes_actual"] <= 1.01 * op["bytes_min"]
 
 
 def test_tables_put_measured_beside_predicted(report):
@@ -170,3 +213,44 @@ module {{
     got = accesses(ttir, ["A", "B", "n"], {"n": 10}, programs=3)
     assert got["A"] == {"load": 128 * 4 * 3, "store": 0.0}
     assert got["B"] == {"load": 0.0, "store": 64 * 2 * 10 * 3}
+
+
+def test_sass_loops_named_by_their_back_edge_and_call_site(tmp_path):
+    """A helper's loop inlined at two call sites is two loops (each runs its trips, not a share);
+    an instruction of the enclosing loop scheduled inside the inner loop does not rename it: the
+    back edge's own line names the loop."""
+    sys.path.insert(0, ROOT)
+    from benchmarks._sass import Instr, SassInfo, analyze_sass
+
+    src = tmp_path / "k2.py"
+    src.write_text(
+        "def helper(X, K, BLOCK: 'constexpr'):\n"
+        "    for k in range(0, K, BLOCK):\n"
+        "        pass\n"
+        "def k(X, D, BLOCK: 'constexpr'):\n"
+        "    for i in range(0, D, BLOCK):\n"
+        "        helper(X, D, BLOCK)\n"
+        "        helper(X, D, BLOCK)\n"
+    )
+    f = str(src)
+
+    def ins(addr, op, frames, pred=None, target=None):
+        return Instr(addr, pred, op, op, tuple((f, ln) for ln in frames), target)
+
+    code = [
+        ins(0x00, "S2R", [4]),
+        ins(0x10, "IADD3", [5]),  # L0: outer loop
+        ins(0x20, "FADD", [3, 6]),  # L1: first inlined copy of the helper's loop
+        ins(0x30, "IADD3", [5]),  # the outer loop's address math, scheduled into the inner loop
+        ins(0x40, "BRA", [2, 6], "@P0", "L1"),
+        ins(0x50, "FADD", [3, 7]),  # L2: second copy
+        ins(0x60, "BRA", [2, 7], "@P1", "L2"),
+        ins(0x70, "BRA", [5], "@P2", "L0"),
+        ins(0x80, "EXIT", [4]),
+    ]
+    sass = SassInfo(code, {"L0": 0x10, "L1": 0x20, "L2": 0x50})
+    r = analyze_sass(sass, "k", {"D": 256, "BLOCK": 64}, {"K": 3})
+    outer, inner = 256 // 64, 3
+    assert r["executed_per_thread"] == 1 + outer * (1 + inner * 3 + inner * 2 + 1) + 1
+    trips = sorted((lp["python"].split(":")[-1], lp["trip"]) for lp in r["loops"] if lp["python"])
+    assert trips == [("2", inner), ("2", inner), ("5", outer)]
