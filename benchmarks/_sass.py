@@ -269,6 +269,9 @@ def eval_trip(loop: PyFor, kernel_name: str, values: dict, hints: dict) -> tuple
 
 # ----------------------------------------------------------------------------- CFG analysis
 
+# global loads: to registers (LDG, LD) and asynchronous copies to shared memory (LDGSTS, cp.async:
+# the tl.dot operand pipelines); LDGDEPBAR is the barrier that waits for them, not a load
+_GLOBAL_LOADS = ("LDG", "LD", "LDGSTS")
 _MEM_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
 
@@ -456,11 +459,11 @@ def analyze_sass(
         base = x.op.split(".")[0]
         if base == "BAR":
             barriers += mult[i]
-        if base in ("LDG", "STG", "LD", "ST", "RED", "ATOM", "ATOMG", "LDL", "STL", "LDS", "STS"):
+        if base in ("LDG", "LDGSTS", "STG", "LD", "ST", "RED", "ATOM", "ATOMG", "LDL", "STL", "LDS", "STS"):
             d = mem.setdefault(x.op, {"static": 0, "executed": 0.0})
             d["static"] += 1
             d["executed"] += mult[i]
-            if base in ("LDG", "LD"):
+            if base in _GLOBAL_LOADS:
                 ld_bytes += mult[i] * mem_width(x.op)
             elif base in ("STG", "ST", "RED", "ATOMG"):
                 st_bytes += mult[i] * mem_width(x.op)
@@ -473,7 +476,7 @@ def analyze_sass(
         rng = range(n)
     for i in rng:
         x = ins[i]
-        if live[i] and not cold[i] and x.op.split(".")[0] in ("LDG", "LD"):
+        if live[i] and not cold[i] and x.op.split(".")[0] in _GLOBAL_LOADS:
             inflight_loads += mem_width(x.op)
 
     return {
@@ -482,7 +485,7 @@ def analyze_sass(
         "static_cold": static_cold,
         "mem_instructions": mem,
         "global_load_widths": sorted(
-            {x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.startswith("LDG")}
+            {x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.split(".")[0] in _GLOBAL_LOADS}
         ),
         "global_store_widths": sorted(
             {x.op for i, x in enumerate(ins) if live[i] and not cold[i] and x.op.startswith("STG")}

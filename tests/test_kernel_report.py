@@ -113,6 +113,8 @@ def test_distmat_is_judged_against_the_matrix_rate(report, monkeypatch):
     for k in ks.values():
         assert k["flops"] > 0 and k["predicted"]["H200"]["t_matrix"] > 0 and not k["unknown_loops"]
         assert k["predicted"]["H200"]["t"] >= k["predicted"]["H200"]["t_matrix"]
+        # the dot operands arrive by cp.async (LDGSTS): loads in flight, and its wait barrier is no load
+        assert k["inflight_load_bytes_per_warp"] > 0 and "LDGDEPBAR" not in k["global_load_widths"]
     assert "matrix rate" in md
     row = next(ln for ln in kr.readme_table(data).splitlines() if ln.startswith("| `distmat_align_loss`"))
     assert row.rstrip().endswith(f"| {100 * op['predicted_frac_matrix_rate']['H200']:.0f}% |")
