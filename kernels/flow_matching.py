@@ -444,6 +444,73 @@ def _pv_tile(
 
 
 @triton.jit
+def _lane_pv(
+    PRED,
+    X1,
+    X0,
+    b,
+    m,
+    mask,
+    x0,
+    M,
+    stride_pb,
+    stride_pm,
+    stride_xb,
+    stride_xm,
+    HAS_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """(pred, v = x1 − x0) of one lane tile of the paired layout (``x0``: its generated lane)."""
+    p = tl.load(PRED + b * stride_pb + m * stride_pm, mask=mask, other=0.0).to(ACC)
+    x1 = tl.load(X1 + b * stride_xb + m * stride_xm, mask=mask, other=0.0).to(ACC)
+    if HAS_NOISE:
+        n = tl.load(X0 + b * M + m, mask=mask, other=0.0).to(ACC)
+    else:
+        n = tl.where(mask, x0.to(ACC), 0.0)
+    return p, x1 - n
+
+
+@triton.jit
+def _paired(
+    SEED,
+    seed_int,
+    s_off,
+    b,
+    u,
+    s,
+    S,
+    K,
+    HAS_NOISE: tl.constexpr,
+    SEED_IN_PTR: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    LANE: tl.constexpr,
+):
+    """Paired layout (S divides LANE, K = LANE // S): lane-0 channel index ``u = q·K + r`` (r < K)
+    stands for channels ``q·4K + j·K + r`` (j = 0..3) at position s, elements ``m0 + j·LANE`` with
+    ``m0 = (q·4K + r)·S + s``: the four lanes of the Philox call of group ``q·LANE + r·S + s``.
+    Returns (channel of lane 0, m0, x0 of lanes 0..3 (zeros with HAS_NOISE))."""
+    q = u // K
+    r = u - q * K
+    cb = q * (4 * K) + r
+    m0 = cb * S + s
+    if HAS_NOISE:
+        z = (m0 * 0).to(tl.float32)
+        a0, a1, a2, a3 = z, z, z, z
+    else:
+        k0, k1 = philox_key(SEED, seed_int, SEED_IN_PTR)
+        s_lo, s_hi = sample_words(b + s_off)
+        g = q * LANE + r * S + s
+        a0, a1, a2, a3 = flow_normals(k0, k1, s_lo, s_hi, g, g.to(tl.uint32) * 0, ROUNDS)
+    return cb, m0, a0, a1, a2, a3
+
+
+@triton.jit
+def _acc_lane(dot, pp, vv, sq, p, v):
+    d = p - v
+    return dot + tl.sum(p * v, axis=0), pp + tl.sum(p * p, axis=0), vv + tl.sum(v * v, axis=0), sq + d * d
+
+
+@triton.jit
 def _cos_sums(
     PRED,
     X1,
@@ -457,6 +524,7 @@ def _cos_sums(
     C,
     S,
     M,
+    K,
     stride_pb,
     stride_pm,
     stride_xb,
@@ -468,42 +536,109 @@ def _cos_sums(
     LANE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):
-    """Per spatial position (BLOCK_S,): pred·v, |pred|², |v|²; and the tile's sum of (pred − v)²."""
+    """Per spatial position (BLOCK_S,): pred·v, |pred|², |v|²; and the tile's sum of (pred − v)².
+    PAIRED: one Philox call serves four channels (see :func:`_paired`); else each element draws its lane."""
     dot = tl.zeros((BLOCK_S,), dtype=ACC)
     pp = tl.zeros((BLOCK_S,), dtype=ACC)
     vv = tl.zeros((BLOCK_S,), dtype=ACC)
     sq = tl.zeros((BLOCK_C, BLOCK_S), dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)[:, None]
-        mask = (c < C) & smask
-        p, v = _pv_tile(
-            PRED,
-            X1,
-            SEED,
-            seed_int,
-            s_off,
-            X0,
-            b,
-            c * S + s,
-            mask,
-            M,
-            stride_pb,
-            stride_pm,
-            stride_xb,
-            stride_xm,
-            HAS_NOISE,
-            SEED_IN_PTR,
-            ROUNDS,
-            ACC,
-            LANE,
-        )
-        d = p - v
-        sq += d * d
-        dot += tl.sum(p * v, axis=0)
-        pp += tl.sum(p * p, axis=0)
-        vv += tl.sum(v * v, axis=0)
+    if PAIRED:
+        for u0 in range(0, tl.cdiv(C, 4 * K) * K, BLOCK_C):
+            u = u0 + tl.arange(0, BLOCK_C)[:, None]
+            cb, m0, a0, a1, a2, a3 = _paired(SEED, seed_int, s_off, b, u, s, S, K, HAS_NOISE, SEED_IN_PTR, ROUNDS, LANE)
+            p, v = _lane_pv(
+                PRED, X1, X0, b, m0, (cb < C) & smask, a0, M, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC
+            )
+            dot, pp, vv, sq = _acc_lane(dot, pp, vv, sq, p, v)
+            p, v = _lane_pv(
+                PRED,
+                X1,
+                X0,
+                b,
+                m0 + LANE,
+                (cb + K < C) & smask,
+                a1,
+                M,
+                stride_pb,
+                stride_pm,
+                stride_xb,
+                stride_xm,
+                HAS_NOISE,
+                ACC,
+            )
+            dot, pp, vv, sq = _acc_lane(dot, pp, vv, sq, p, v)
+            p, v = _lane_pv(
+                PRED,
+                X1,
+                X0,
+                b,
+                m0 + 2 * LANE,
+                (cb + 2 * K < C) & smask,
+                a2,
+                M,
+                stride_pb,
+                stride_pm,
+                stride_xb,
+                stride_xm,
+                HAS_NOISE,
+                ACC,
+            )
+            dot, pp, vv, sq = _acc_lane(dot, pp, vv, sq, p, v)
+            p, v = _lane_pv(
+                PRED,
+                X1,
+                X0,
+                b,
+                m0 + 3 * LANE,
+                (cb + 3 * K < C) & smask,
+                a3,
+                M,
+                stride_pb,
+                stride_pm,
+                stride_xb,
+                stride_xm,
+                HAS_NOISE,
+                ACC,
+            )
+            dot, pp, vv, sq = _acc_lane(dot, pp, vv, sq, p, v)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)[:, None]
+            mask = (c < C) & smask
+            p, v = _pv_tile(
+                PRED,
+                X1,
+                SEED,
+                seed_int,
+                s_off,
+                X0,
+                b,
+                c * S + s,
+                mask,
+                M,
+                stride_pb,
+                stride_pm,
+                stride_xb,
+                stride_xm,
+                HAS_NOISE,
+                SEED_IN_PTR,
+                ROUNDS,
+                ACC,
+                LANE,
+            )
+            dot, pp, vv, sq = _acc_lane(dot, pp, vv, sq, p, v)
     return dot, pp, vv, tl.sum(tl.sum(sq, axis=1), axis=0)
+
+
+@triton.jit
+def _grad_lane(DPRED, DX1, b, M, m, mask, p, v, gm, a, kp, kv, NEED_DPRED: tl.constexpr, NEED_DX1: tl.constexpr):
+    dm = gm * (p - v)
+    if NEED_DPRED:
+        tl.store(DPRED + b * M + m, to_store(dm - a * v + kp * p, DPRED.dtype.element_ty), mask=mask)
+    if NEED_DX1:
+        tl.store(DX1 + b * M + m, to_store(-dm - a * p + kv * v, DX1.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_DNS)
@@ -515,6 +650,7 @@ def flow_cos_loss_fwd_kernel(
     PART,  # out: (B, P) fp32, Σ(pred − v)²/(B·C·S) + w·Σ_s(1 − cos)/(B·S) of the program's positions
     C,
     S,
+    K: tl.constexpr,  # LANE // S when PAIRED (a power of two: shifts), else 1
     inv_numel: tl.float64,  # 1 / (B·C·S)
     cos_scale: tl.float64,  # cosine_weight / (B·S)
     seed_int: tl.int64,
@@ -530,6 +666,7 @@ def flow_cos_loss_fwd_kernel(
     LANE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PAIRED: tl.constexpr,  # S divides LANE: one Philox call per four channels
     EPS: tl.constexpr,  # each norm is clamped to EPS on its own (F.cosine_similarity)
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -550,6 +687,7 @@ def flow_cos_loss_fwd_kernel(
         C,
         S,
         C * S,
+        K,
         stride_pb,
         stride_pm,
         stride_xb,
@@ -561,6 +699,7 @@ def flow_cos_loss_fwd_kernel(
         LANE,
         BLOCK_C,
         BLOCK_S,
+        PAIRED,
     )
     cos = dot / (tl.maximum(tl.sqrt(pp), EPS) * tl.maximum(tl.sqrt(vv), EPS))
     one_minus = tl.where(s1 < S, 1.0 - cos, 0.0)
@@ -579,6 +718,7 @@ def flow_cos_loss_bwd_kernel(
     DX1,  # out: (B, C·S) contiguous, dtype of x1 (written when NEED_DX1)
     C,
     S,
+    K: tl.constexpr,  # LANE // S when PAIRED (a power of two: shifts), else 1
     inv_numel: tl.float64,  # 2 / (B·C·S)
     cos_scale: tl.float64,  # cosine_weight / (B·S)
     seed_int: tl.int64,
@@ -596,6 +736,7 @@ def flow_cos_loss_bwd_kernel(
     LANE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PAIRED: tl.constexpr,
     EPS: tl.constexpr,
 ):
     """Two passes over C: the reductions, then the gradients (x0 regenerated in both).
@@ -618,6 +759,7 @@ def flow_cos_loss_bwd_kernel(
         C,
         S,
         M,
+        K,
         stride_pb,
         stride_pm,
         stride_xb,
@@ -629,6 +771,7 @@ def flow_cos_loss_bwd_kernel(
         LANE,
         BLOCK_C,
         BLOCK_S,
+        PAIRED,
     )
     pn = tl.sqrt(pp)
     vn = tl.sqrt(vv)
@@ -641,35 +784,46 @@ def flow_cos_loss_bwd_kernel(
     a = (gc / (pc * vc))[None, :]  # d(−gc·cos) = −gc·(a·v − …)
     kp = (gc * cos * tl.where(pn > 0, 1.0 / (pc * tl.where(pn > 0, pn, 1.0)), 0.0))[None, :]
     kv = (gc * cos * tl.where(vn > 0, 1.0 / (vc * tl.where(vn > 0, vn, 1.0)), 0.0))[None, :]
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)[:, None]
-        mask = (c < C) & smask
-        m = c * S + s
-        p, v = _pv_tile(
-            PRED,
-            X1,
-            SEED,
-            seed_int,
-            s_off,
-            X0,
-            b,
-            m,
-            mask,
-            M,
-            stride_pb,
-            stride_pm,
-            stride_xb,
-            stride_xm,
-            HAS_NOISE,
-            SEED_IN_PTR,
-            ROUNDS,
-            ACC,
-            LANE,
-        )
-        dm = gm * (p - v)
-        if NEED_DPRED:
-            dp = dm - a * v + kp * p
-            tl.store(DPRED + b * M + m, to_store(dp, DPRED.dtype.element_ty), mask=mask)
-        if NEED_DX1:
-            dv = -dm - a * p + kv * v
-            tl.store(DX1 + b * M + m, to_store(dv, DX1.dtype.element_ty), mask=mask)
+    if PAIRED:
+        for u0 in range(0, tl.cdiv(C, 4 * K) * K, BLOCK_C):
+            u = u0 + tl.arange(0, BLOCK_C)[:, None]
+            cb, m0, a0, a1, a2, a3 = _paired(SEED, seed_int, s_off, b, u, s, S, K, HAS_NOISE, SEED_IN_PTR, ROUNDS, LANE)
+            mk = (cb < C) & smask
+            p, v = _lane_pv(PRED, X1, X0, b, m0, mk, a0, M, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
+            _grad_lane(DPRED, DX1, b, M, m0, mk, p, v, gm, a, kp, kv, NEED_DPRED, NEED_DX1)
+            m1, mk = m0 + LANE, (cb + K < C) & smask
+            p, v = _lane_pv(PRED, X1, X0, b, m1, mk, a1, M, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
+            _grad_lane(DPRED, DX1, b, M, m1, mk, p, v, gm, a, kp, kv, NEED_DPRED, NEED_DX1)
+            m2, mk = m0 + 2 * LANE, (cb + 2 * K < C) & smask
+            p, v = _lane_pv(PRED, X1, X0, b, m2, mk, a2, M, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
+            _grad_lane(DPRED, DX1, b, M, m2, mk, p, v, gm, a, kp, kv, NEED_DPRED, NEED_DX1)
+            m3, mk = m0 + 3 * LANE, (cb + 3 * K < C) & smask
+            p, v = _lane_pv(PRED, X1, X0, b, m3, mk, a3, M, stride_pb, stride_pm, stride_xb, stride_xm, HAS_NOISE, ACC)
+            _grad_lane(DPRED, DX1, b, M, m3, mk, p, v, gm, a, kp, kv, NEED_DPRED, NEED_DX1)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)[:, None]
+            mask = (c < C) & smask
+            m = c * S + s
+            p, v = _pv_tile(
+                PRED,
+                X1,
+                SEED,
+                seed_int,
+                s_off,
+                X0,
+                b,
+                m,
+                mask,
+                M,
+                stride_pb,
+                stride_pm,
+                stride_xb,
+                stride_xm,
+                HAS_NOISE,
+                SEED_IN_PTR,
+                ROUNDS,
+                ACC,
+                LANE,
+            )
+            _grad_lane(DPRED, DX1, b, M, m, mask, p, v, gm, a, kp, kv, NEED_DPRED, NEED_DX1)

@@ -380,6 +380,8 @@ def test_int_seed_under_compile_and_opcheck_modes(kernel_device):
 
 COS_SHAPES = [(2, 1, 5), (2, 3, 5), (1, 7, 1), (3, 3, 1, 1), (2, 7, 5), (2, 3, 300), (3, 5)]
 COS_SHAPES += [(2, 70, 3, 100), (2, 128, 4, 4)]  # C over two chunks, several position tiles; paper C
+# S dividing FM_LANE = 512 takes the paired layout (one Philox call per four channels), C not a multiple of 4K
+COS_SHAPES += [(2, 9, 16, 16), (2, 70, 2, 4), (2, 33, 512), (1, 600, 1)]
 
 
 def _cos_ref(x0, w=0.5, **kw):
@@ -410,11 +412,12 @@ def test_cosine_seed_matches_reference_fp32(kernel_device, shape):
     assert abs(out.item() - plain.item()) > 1e-3  # the term is there
 
 
-def test_cosine_non_contiguous_and_explicit_noise_equal_seed(kernel_device):
-    x1 = torch.randn(3, 6, 5, device=kernel_device).transpose(1, 2)  # (3, 5, 6) strided
-    pred = torch.randn(3, 5, 12, device=kernel_device)[..., ::2]
+@pytest.mark.parametrize("S", [6, 8])  # per-element lanes; paired layout
+def test_cosine_non_contiguous_and_explicit_noise_equal_seed(kernel_device, S):
+    x1 = torch.randn(3, S, 5, device=kernel_device).transpose(1, 2)  # (3, 5, S) strided
+    pred = torch.randn(3, 5, 2 * S, device=kernel_device)[..., ::2]
     t = torch.rand(3, device=kernel_device)
-    x0 = flow_matching_noise(12, (3, 5, 6), kernel_device)
+    x0 = flow_matching_noise(12, (3, 5, S), kernel_device)
     kw = {"cosine_weight": 1.5, "backend": "triton"}
     a = _loss_and_grads(flow_matching_loss, pred, x1, t, seed=12, **kw)
     b = _loss_and_grads(flow_matching_loss, pred, x1, t, noise=x0, **kw)
@@ -477,9 +480,10 @@ def test_cosine_zero_vectors_and_empty(kernel_device):
     assert e1.grad.shape == (0, 3, 5) and e2.grad.shape == (0, 3, 5)
 
 
-def test_cosine_sample_offset_slice_bit_exact(kernel_device):
+@pytest.mark.parametrize("S", [7, 4])  # per-element lanes; paired layout
+def test_cosine_sample_offset_slice_bit_exact(kernel_device, S):
     B, i, j = 5, 1, 4
-    shape = (B, 3, 7)
+    shape = (B, 3, S)
     x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
     t = torch.rand(B, device=kernel_device)
     x0 = flow_matching_noise(77, shape, kernel_device)

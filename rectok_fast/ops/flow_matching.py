@@ -141,14 +141,22 @@ def _xt_bwd(grad, x1, t, seed, x0, offset, seed_int, need_dx1, need_dt, rounds):
 
 
 def _cos_layout(pred, x1):
-    """(C, S, BLOCK_C, BLOCK_S, num_warps) of the cosine kernels: x1 as (B, C, S), S = prod(shape[2:])."""
+    """(C, S, K, PAIRED, BLOCK_C, BLOCK_S, num_warps) of the cosine kernels: x1 as (B, C, S), S = prod(shape[2:]).
+    PAIRED when S divides FM_LANE (K = FM_LANE // S): one Philox call then serves the four channels
+    c, c + K, c + 2K, c + 3K of a position (BLOCK_C counts such channel quadruples); otherwise every
+    element draws its own lane of its Philox call."""
     C = int(x1.shape[1])
     S = x1.numel() // (x1.shape[0] * C)
+    paired = FM_LANE % S == 0
+    K = FM_LANE // S if paired else 1
+    rows = cdiv(C, 4 * K) * K if paired else C  # channel rows the loop walks
     if triton_interpret():  # fewer, larger tiles: the interpreter's cost is per operation
-        return C, S, min(next_power_of_2(C), 64), min(next_power_of_2(S), 256), 4
-    # 64 positions × 32 channels per iteration (16 elements per thread of 4 warps); s is the
-    # contiguous axis of channels-first latents (coalesced)
-    return C, S, min(next_power_of_2(C), 32), min(next_power_of_2(S), 64), 4
+        bs = min(next_power_of_2(S), 256)
+        return C, S, K, paired, min(next_power_of_2(rows), 64 if not paired else 16), bs, 4
+    # 64 positions × 32 channels (or 8 quadruples) per iteration, 16 elements per thread of 4 warps;
+    # s is the contiguous axis of channels-first latents (coalesced)
+    bs = min(next_power_of_2(S), 64)
+    return C, S, K, paired, min(next_power_of_2(rows), max(1, (512 if paired else 2048) // bs)), bs, 4
 
 
 def _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight):
@@ -156,7 +164,7 @@ def _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight):
         return torch.full((), float("nan"), device=x1.device, dtype=torch.float32)
     p, x = _rows(pred), _rows(x1)
     B = x.shape[0]
-    C, S, bc, bs, warps = _cos_layout(pred, x1)
+    C, S, K, paired, bc, bs, warps = _cos_layout(pred, x1)
     part = torch.empty((B, cdiv(S, bs)), device=x1.device, dtype=torch.float32)
     kernels("flow_matching").flow_cos_loss_fwd_kernel[part.shape](
         p,
@@ -166,6 +174,7 @@ def _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight):
         part,
         C,
         S,
+        K,
         1.0 / x.numel(),
         float(cosine_weight) / (B * S),
         int(seed_int),
@@ -179,6 +188,7 @@ def _cos_loss_fwd(pred, x1, seed, x0, offset, seed_int, rounds, cosine_weight):
         LANE=FM_LANE,
         BLOCK_C=bc,
         BLOCK_S=bs,
+        PAIRED=paired,
         EPS=COSINE_EPS,
         num_warps=warps,
     )
@@ -192,7 +202,7 @@ def _cos_loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_d
         return dpred, dx1
     p, x = _rows(pred), _rows(x1)
     B = x.shape[0]
-    C, S, bc, bs, warps = _cos_layout(pred, x1)
+    C, S, K, paired, bc, bs, warps = _cos_layout(pred, x1)
     kernels("flow_matching").flow_cos_loss_bwd_kernel[(B, cdiv(S, bs))](
         grad.reshape(1).to(torch.float32),
         p,
@@ -203,6 +213,7 @@ def _cos_loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_d
         dx1 if need_dx1 else x,
         C,
         S,
+        K,
         2.0 / x.numel(),
         float(cosine_weight) / (B * S),
         int(seed_int),
@@ -218,6 +229,7 @@ def _cos_loss_bwd(grad, pred, x1, seed, x0, offset, seed_int, need_dpred, need_d
         LANE=FM_LANE,
         BLOCK_C=bc,
         BLOCK_S=bs,
+        PAIRED=paired,
         EPS=COSINE_EPS,
         num_warps=warps,
     )
