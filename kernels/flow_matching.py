@@ -374,10 +374,13 @@ def flow_noise_kernel(
 
 # ----------------------------------------------------------------------------- cosine term (LightningDiT)
 # ``x1`` viewed as (B, C, S) (S = prod of the dims after the channel dim, element m = c·S + s of the
-# row): a program owns BLOCK_S spatial positions of one sample and loops over C in BLOCK_C chunks,
-# accumulating the per-position channel reductions (pred·v, |pred|², |v|², v = x1 − x0) and the
-# squared error in ACC.  Each element regenerates its own x0 (lane j = (m // LANE) % 4 of the
-# Philox call of group (m // 4·LANE)·LANE + m % LANE): the same numbers as the lane-tile kernels.
+# row): a program owns BLOCK_S spatial positions of one sample and loops over C, accumulating the
+# per-position channel reductions (pred·v, |pred|², |v|², v = x1 − x0) and the squared error in ACC
+# (fp32; fp64 for fp64 inputs), then writes one partial (deterministic, no atomics).  x0 is the
+# lane-tile kernels' stream, bit for bit: when S divides LANE (PAIRED, K = LANE // S) the four lanes
+# of one Philox call are the channels c, c + K, c + 2K, c + 3K of a position and one call serves
+# all four; otherwise each element computes only its own lane (j = (m // LANE) % 4) of the call of
+# group (m // 4·LANE)·LANE + m % LANE.
 
 
 @triton.jit
