@@ -380,8 +380,19 @@ def test_int_seed_under_compile_and_opcheck_modes(kernel_device):
 
 COS_SHAPES = [(2, 1, 5), (2, 3, 5), (1, 7, 1), (3, 3, 1, 1), (2, 7, 5), (2, 3, 300), (3, 5)]
 COS_SHAPES += [(2, 70, 3, 100), (2, 128, 4, 4)]  # C over two chunks, several position tiles; paper C
-# S dividing FM_LANE = 512 takes the paired layout (one Philox call per four channels), C not a multiple of 4K
-COS_SHAPES += [(2, 9, 16, 16), (2, 70, 2, 4), (2, 33, 512), (1, 600, 1)]
+# S dividing FM_LANE = 512 with C >= 4K (K = 512 // S) takes the paired layout (one Philox call per
+# four channels), here with C not a multiple of 4K; (2, 70, 2, 4) and (1, 600, 1) have C < 4K
+COS_SHAPES += [(2, 9, 16, 16), (2, 70, 2, 4), (2, 33, 512), (1, 600, 1), (1, 2050, 1)]
+PAIRED = {(2, 9, 16, 16), (2, 33, 512), (1, 2050, 1), (2, 128, 4, 4), (3, 5, 512), (5, 6, 512)}
+
+
+def test_cosine_layouts_covered():
+    """The shapes below exercise both kernel layouts (the tests would not notice a layout never taken)."""
+    from rectok_fast.ops.flow_matching import _cos_layout
+
+    for shape in COS_SHAPES + [(3, 5, 6), (3, 5, 512), (5, 3, 7), (5, 6, 512), (2, 3, 4)]:
+        x = torch.empty(shape)
+        assert _cos_layout(x, x)[3] == (shape in PAIRED), shape
 
 
 def _cos_ref(x0, w=0.5, **kw):
@@ -412,7 +423,7 @@ def test_cosine_seed_matches_reference_fp32(kernel_device, shape):
     assert abs(out.item() - plain.item()) > 1e-3  # the term is there
 
 
-@pytest.mark.parametrize("S", [6, 8])  # per-element lanes; paired layout
+@pytest.mark.parametrize("S", [6, 512])  # per-element lanes; paired layout
 def test_cosine_non_contiguous_and_explicit_noise_equal_seed(kernel_device, S):
     x1 = torch.randn(3, S, 5, device=kernel_device).transpose(1, 2)  # (3, 5, S) strided
     pred = torch.randn(3, 5, 2 * S, device=kernel_device)[..., ::2]
@@ -480,10 +491,10 @@ def test_cosine_zero_vectors_and_empty(kernel_device):
     assert e1.grad.shape == (0, 3, 5) and e2.grad.shape == (0, 3, 5)
 
 
-@pytest.mark.parametrize("S", [7, 4])  # per-element lanes; paired layout
-def test_cosine_sample_offset_slice_bit_exact(kernel_device, S):
+@pytest.mark.parametrize("C, S", [(3, 7), (6, 512)])  # per-element lanes; paired layout
+def test_cosine_sample_offset_slice_bit_exact(kernel_device, C, S):
     B, i, j = 5, 1, 4
-    shape = (B, 3, S)
+    shape = (B, C, S)
     x1, pred = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
     t = torch.rand(B, device=kernel_device)
     x0 = flow_matching_noise(77, shape, kernel_device)

@@ -142,12 +142,13 @@ def _xt_bwd(grad, x1, t, seed, x0, offset, seed_int, need_dx1, need_dt, rounds):
 
 def _cos_layout(pred, x1):
     """(C, S, K, PAIRED, BLOCK_C, BLOCK_S, num_warps) of the cosine kernels: x1 as (B, C, S), S = prod(shape[2:]).
-    PAIRED when S divides FM_LANE (K = FM_LANE // S): one Philox call then serves the four channels
-    c, c + K, c + 2K, c + 3K of a position (BLOCK_C counts such channel quadruples); otherwise every
-    element draws its own lane of its Philox call."""
+    PAIRED when S divides FM_LANE (K = FM_LANE // S) and C >= 4K: one Philox call then serves the
+    four channels c, c + K, c + 2K, c + 3K of a position (BLOCK_C counts such channel quadruples; the
+    loop walks C rounded up to 4K channels, so with C < 4K it would draw more calls than elements);
+    otherwise every element draws its own lane of its Philox call."""
     C = int(x1.shape[1])
     S = x1.numel() // (x1.shape[0] * C)
-    paired = FM_LANE % S == 0
+    paired = FM_LANE % S == 0 and C >= 4 * (FM_LANE // S)
     K = FM_LANE // S if paired else 1
     rows = cdiv(C, 4 * K) * K if paired else C  # channel rows the loop walks
     if triton_interpret():  # fewer, larger tiles: the interpreter's cost is per operation
