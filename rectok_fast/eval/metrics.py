@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError, PathError, UserError
+from ..utils.log import progress_bar
+
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-image PSNR in dB: x, y (B, C, H, W) in [0, data_range] -> (B,) fp64 (inf-free: mse clamped at 1e-12)."""
@@ -76,8 +79,6 @@ def inception_weights_path(path: str | None = None) -> str:
     network of the ADM / guided-diffusion reference statistics): ``path`` (``--inception-weights``), else
     ``$RECTOK_FAST_INCEPTION_WEIGHTS``, else torch-fidelity's cache (``$TORCH_HOME/hub/checkpoints``).
     Nothing is downloaded: a missing file is a :class:`~rectok_fast.errors.PathError` saying where to put it."""
-    from ..errors import PathError
-
     for src, p in (("--inception-weights", path), (f"${INCEPTION_ENV}", os.environ.get(INCEPTION_ENV))):
         if p:
             if not os.path.isfile(p):
@@ -95,8 +96,6 @@ def inception_weights_path(path: str | None = None) -> str:
 def build_inception(weights: str, device) -> callable:
     """``f(images uint8 (B, 3, H, W)) -> (pool features (B, 2048) fp64, logits (B, 1008) fp32)`` through
     torch-fidelity's ``FeatureExtractorInceptionV3`` loaded from ``weights`` (a local file)."""
-    from ..errors import UserError
-
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
@@ -137,8 +136,6 @@ class FeatureStats:
     def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean (D,) and unbiased covariance (D, D), as ``np.mean`` / ``np.cov(rowvar=False)``."""
         if self.n < 2:
-            from ..errors import DataError
-
             raise DataError(f"FID needs at least 2 images, got {self.n}")
         mu = self.s / self.n
         sigma = (self.ss - self.n * torch.outer(mu, mu)) / (self.n - 1)
@@ -177,8 +174,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def load_fid_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(mu, sigma)`` of a FID statistics ``.npz`` (``mu`` / ``sigma``: the ``adm_in256_stats.npz``
     format of the guided-diffusion evaluator), or ``None`` when the file holds images (``arr_0``)."""
-    from ..errors import DataError
-
     if not path.endswith(".npz") or not os.path.isfile(path):
         return None
     with np.load(path) as z:
@@ -237,15 +232,13 @@ def image_batches(src: str, batch: int = 64):
     sample`` output directory (its uint8 shards), or a folder of image files (sorted by name)."""
     import json
 
-    from ..errors import DataError
-
     if src.endswith(".npz"):
         for a in _npz_member_batches(src, "arr_0", batch):
             yield torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
         return
     cfg = os.path.join(src, "sample_config.json")
     if os.path.isfile(cfg) and os.path.isdir(os.path.join(src, "shards")):
-        from .sample import iter_shards
+        from .sample import iter_shards  # here: sample.py imports the models and loaders, metrics stays light
 
         with open(cfg) as f:
             c = json.load(f)
@@ -265,8 +258,6 @@ def image_batches(src: str, batch: int = 64):
 
 def source_features(src: str, features, batch: int = 64, progress: bool = False, desc: str = "inception"):
     """(FeatureStats, logits (N, 1008)) of every image of ``src``."""
-    from ..utils.log import progress_bar
-
     st, logits = FeatureStats(), []
     bar = progress_bar(count_images(src), desc, enabled=progress)
     for x in image_batches(src, batch):
@@ -297,8 +288,6 @@ def generation_metrics(
     (default :func:`build_inception` of :func:`inception_weights_path`).  Returns ``{"error": ...}``
     explaining what is missing instead when torch-fidelity or the local weights are absent (never
     downloads).  ``ref_stats``: the reference's ``(mu, sigma)`` when already known (``ref`` is then unused)."""
-    from ..errors import UserError
-
     if features is None:
         try:
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -323,8 +312,6 @@ def generation_metrics(
             out["ref"] = "stats"
         mu, sigma = st.mu_sigma()
         if stats[0].shape != mu.shape:
-            from ..errors import DataError
-
             raise DataError(
                 f"--ref {ref}: statistics of {stats[0].shape[0]} features, the Inception pool has {mu.shape[0]}"
             )
