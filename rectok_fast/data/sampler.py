@@ -73,13 +73,25 @@ class DistributedGlobalBatchSampler(Sampler[int]):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of the training loaders: SIGINT / SIGTERM (Ctrl-C and a cluster's preemption
-    reach the whole process group) are left to the main process, which finishes its step, writes a
-    checkpoint and then shuts the workers down; a worker dying on them would fail that step instead."""
+    """``worker_init_fn`` of the training loaders: stop signals sent to the whole process group (Ctrl-C
+    in a terminal, a cluster's preemption ``kill -TERM -PGID``) are left to the main process, which
+    finishes its step, writes a checkpoint and then shuts the workers down; a worker dying on them would
+    fail that step instead.
+
+    The worker leaves the main process's group (``setpgrp``), so group-wide signals never reach it, and
+    ignores SIGINT. It keeps SIGTERM's default action: a SIGTERM sent to the worker itself — by its
+    parent (``multiprocessing`` terminates daemonic children at exit) or by whoever signals each pid —
+    still ends it. (Ignoring SIGTERM outright made an interpreter whose loader iterator was never shut
+    down hang at exit, joining a worker that would not terminate.)
+    """
+    import os
     import signal
 
+    try:
+        os.setpgrp()
+    except OSError:  # pragma: no cover - not permitted (e.g. a session leader): keep the group
+        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(
