@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .. import ops
 from .._backend import BACKENDS_TRITON, record
-from ..reference.flow_matching import velocity_cosine_loss
+from ..ops.flow_matching import velocity_cosine_loss
 from ..schedules import TOKENIZER_SCHEDULES, sample_time
 
 SEMANTIC_TARGETS = ("rec+align", "reconstruction", "align")  # which tokens the semantic loss scores

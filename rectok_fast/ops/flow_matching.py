@@ -30,6 +30,8 @@ from .._validate import check_same_device, check_tensor
 from ..reference.flow_matching import COSINE_EPS
 from ..reference.flow_matching import flow_matching_loss as _ref_loss
 from ..reference.flow_matching import flow_matching_xt as _ref_xt
+# LightningDiT's velocity cosine term as a plain PyTorch functional (fused only inside flow_matching_loss).
+from ..reference.flow_matching import velocity_cosine_loss
 from ._launch import acc_dtype as _acc
 from ._launch import cdiv, next_power_of_2
 from ._noise import (
@@ -47,7 +49,13 @@ from ._noise import (
     seed_args,
 )
 
-__all__ = ["NOISE_STREAM_VERSION", "flow_matching_loss", "flow_matching_noise", "flow_matching_xt"]
+__all__ = [
+    "NOISE_STREAM_VERSION",
+    "flow_matching_loss",
+    "flow_matching_noise",
+    "flow_matching_xt",
+    "velocity_cosine_loss",
+]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
