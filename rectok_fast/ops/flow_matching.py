@@ -27,11 +27,11 @@ import torch
 from .._backend import kernels, resolve_backend, triton_interpret
 from .._constants import FLOAT_DTYPES
 from .._validate import check_same_device, check_tensor
-from ..reference.flow_matching import COSINE_EPS
+
+# LightningDiT's velocity cosine term as a plain PyTorch functional (fused only inside flow_matching_loss).
+from ..reference.flow_matching import COSINE_EPS, velocity_cosine_loss
 from ..reference.flow_matching import flow_matching_loss as _ref_loss
 from ..reference.flow_matching import flow_matching_xt as _ref_xt
-# LightningDiT's velocity cosine term as a plain PyTorch functional (fused only inside flow_matching_loss).
-from ..reference.flow_matching import velocity_cosine_loss
 from ._launch import acc_dtype as _acc
 from ._launch import cdiv, next_power_of_2
 from ._noise import (
