@@ -198,7 +198,7 @@ def mfu(flops: float, seconds: float, peak_tflops: float = PEAK_BF16_TFLOPS) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Analytic matmul FLOPs (2 per multiply-add) of DiT^DH, SPEC §4.  Attention's QK^T and AV count.
+# Analytic matmul FLOPs (2 per multiply-add) of DiT^DH, method §4.  Attention's QK^T and AV count.
 
 
 def _swiglu_hidden(width: int) -> int:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 
 def rope_table(head_dim: int, grid: int) -> torch.Tensor:
-    """SPEC §1 tokenizer 2D RoPE table (N, 2·head_dim) = [cos, sin]."""
+    """method §1 tokenizer 2D RoPE table (N, 2·head_dim) = [cos, sin]."""
     q = head_dim // 4
     j = torch.arange(q, dtype=torch.float64)
     f = 7.0 * (7.0 / 7e-4) ** (-j / (q - 1))
@@ -152,7 +152,7 @@ class EagerDecoder(Trunk):
 
 
 class EagerRecTok(nn.Module):
-    """ViT-B encoder / pixel decoder, tiny semantic decoder for one teacher (SPEC §2); smaller sizes
+    """ViT-B encoder / pixel decoder, tiny semantic decoder for one teacher (method §2); smaller sizes
     for dry runs through the arguments."""
 
     def __init__(

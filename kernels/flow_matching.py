@@ -1,4 +1,4 @@
-"""Triton kernels for the DiT velocity flow-matching input ``x_t`` and loss (SPEC §4) with in-kernel x0.
+"""Triton kernels for the DiT velocity flow-matching input ``x_t`` and loss (method §4) with in-kernel x0.
 
 ``x1`` of any shape (B, ...) is viewed as (B, M) (``M < 2**31``).  Noise: stream version 2 of
 :mod:`rectok_fast.kernels.philox`: element ``m = q·4W + j·W + r`` of row ``b`` (``W = LANE``,

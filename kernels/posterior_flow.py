@@ -1,4 +1,4 @@
-"""Triton kernels for the posterior sample + forward-flow interpolation + KL (SPEC §2).
+"""Triton kernels for the posterior sample + forward-flow interpolation + KL (method §2).
 
 Noise: stream version 2 of :mod:`rectok_fast.kernels.philox`.  Element (b, n, c) of a (B, N, C)
 latent draws ``eps_post`` and ``eps_flow`` from the Philox call of (global sample

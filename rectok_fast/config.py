@@ -55,7 +55,7 @@ class DataConfig:
 class ModelConfig:
     """Which network to build.  ``name``: a registry size (``tiny``/``small``/``base``/``large`` for
     RecTok, ``S``/``B``/``L``/``XL`` for DiT^DH).  ``extra`` is forwarded verbatim to the model
-    constructor (every SPEC option: ``noise_schedule``, ``gamma``, ``sem_input_type``, ...)."""
+    constructor (every option of docs/method.md: ``noise_schedule``, ``gamma``, ``sem_input_type``, ...)."""
 
     name: str = "tiny"
     latent_channels: int = 128
@@ -96,7 +96,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Tokenizer losses (SPEC §3).  Weights of 0 disable a term; ``perceptual`` needs local weights."""
+    """Tokenizer losses (method §3).  Weights of 0 disable a term; ``perceptual`` needs local weights."""
 
     l2: float = 1.0
     perceptual: float = 1.0
@@ -107,7 +107,7 @@ class LossConfig:
     convnext_path: str | None = None
     kl: float = 1e-6
     semantic: float = 1.0
-    gan: float = 0.1  # SPEC §3: the released checkpoints' weight
+    gan: float = 0.1  # method §3: the released checkpoints' weight
     gan_start_epoch: float = 100
     disc_lr_mult: float = 1.0
     disc_channels: int = 64
@@ -372,7 +372,7 @@ def total_steps(optim: OptimConfig, spe: int) -> int:
 
 
 def lr_for(optim: OptimConfig, global_batch_size: int) -> float:
-    """Peak learning rate: ``lr`` if set, else ``blr · global_batch_size / 256`` (SPEC §3)."""
+    """Peak learning rate: ``lr`` if set, else ``blr · global_batch_size / 256`` (method §3)."""
     return float(optim.lr) if optim.lr is not None else optim.blr * global_batch_size / 256
 
 

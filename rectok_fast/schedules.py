@@ -1,10 +1,10 @@
-"""Flow times and resolution shifts: one formula each (SPEC §2–§4).
+"""Flow times and resolution shifts: one formula each (method §2–§4).
 
 The tokenizer and the generator use **opposite time conventions**; every function here says which
 one it serves:
 
 ======================  =========================================  ==========================================
-                        tokenizer (RecTok, SPEC §2–3)              generator (DiT^DH, SPEC §4)
+                        tokenizer (RecTok, method §2–3)              generator (DiT^DH, method §4)
 ======================  =========================================  ==========================================
 ``t = 0``               the clean latent ``z``                     pure noise ``x0 ~ N(0, I)``
 ``t = 1``               pure noise (``γ·ε``)                       the data ``x1``
@@ -66,7 +66,7 @@ def sample_time(
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Tokenizer flow times (B,) fp32, **t = 1 is noise** (SPEC §2).
+    """Tokenizer flow times (B,) fp32, **t = 1 is noise** (method §2).
 
     ``uniform``: ``U(0, 1)``; ``lognorm``: ``sigmoid(N(0, 1))``; ``shift``: ``shift_time(U(0, 1), s)``
     with ``s = shift`` or ``default_shift(grid, channels)``.  One draw of ``batch`` numbers from
@@ -88,7 +88,7 @@ def sample_time(
 def training_time(
     batch: int, shift: float, *, device: torch.device | str | None = None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """DiT training times (B,) fp32, **t = 1 is data** (SPEC §4), from one draw ``u ~ U(0, 1)``.
+    """DiT training times (B,) fp32, **t = 1 is data** (method §4), from one draw ``u ~ U(0, 1)``.
 
     ``t = 1 − shift_time(u, s)`` when ``s > 1`` (dense near the noise end ``t = 0``); when ``s ≤ 1``
     there is no shift and ``t = u``.
@@ -102,7 +102,7 @@ def training_time(
 def time_grid(
     num_points: int, shift: float = 1.0, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """The DiT sampling grid (num_points,), **t = 1 is data**, increasing from 0 (noise) to 1 (SPEC §4).
+    """The DiT sampling grid (num_points,), **t = 1 is data**, increasing from 0 (noise) to 1 (method §4).
 
     ``τ_i = i/(n−1)``, ``m_i = shift_time(τ_i, s)`` (in fp64); for ``s ≥ 1`` the grid is
     ``t_i = m_{n−1} − m_{n−1−i}`` (dense near the noise end), for ``s < 1`` it is ``m_i``; ``s = 1``

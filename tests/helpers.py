@@ -23,14 +23,14 @@ def _find_reference_dir():
     """Where the golden tensors of the original implementation live (``shared/reference``).
 
     ``RECTOK_FAST_REFERENCE_DIR`` wins; otherwise ``shared/`` beside the checkout (how CI lays it
-    out), inside it, or the workplace's ``/work/shared``.
+    out), inside it.
     """
     import os
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     candidates = [os.environ.get("RECTOK_FAST_REFERENCE_DIR", "")]
-    candidates += [repo.parent / "shared" / "reference", repo / "shared" / "reference", "/work/shared/reference"]
+    candidates += [repo.parent / "shared" / "reference", repo / "shared" / "reference"]
     for c in candidates:
         if c and (Path(c) / "golden_rectok_tiny.pt").exists():
             return Path(c)

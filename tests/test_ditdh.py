@@ -274,7 +274,7 @@ def test_training_time_schedule():
     # t = 1 - s·u/(1+(s-1)u): median at u = 1/2.
     assert t.median().item() == pytest.approx(1 - s * 0.5 / (1 + (s - 1) * 0.5), abs=0.02)
     assert training_time(20000, 0.5).mean().item() == pytest.approx(0.5, abs=0.02)  # no shift for s <= 1
-    # SPEC §4: when s <= 1 the time is u itself (not 1 - u)
+    # method §4: when s <= 1 the time is u itself (not 1 - u)
     u = torch.rand(64, generator=torch.Generator().manual_seed(4))
     assert torch.equal(training_time(64, 0.5, generator=torch.Generator().manual_seed(4)), u)
 

@@ -41,7 +41,7 @@ def test_swiglu_first_half_is_gated():
 
 
 def _rectok_table_spec(D, gh, gw):
-    """SPEC §1 written out independently (explicit f_j formula, float64)."""
+    """method §1 written out independently (explicit f_j formula, float64)."""
     q = D // 4
     f = torch.tensor([7 * (7 / 7e-4) ** (-j / (q - 1)) for j in range(q)], dtype=torch.float64)
     F_ = torch.cat([f, f])
@@ -86,7 +86,7 @@ def test_rotate_pairs_and_apply():
     cos, sin = split_table(table)
     x = torch.randn(2, 1, 9, 8)
     out = apply_rope(x, cos, sin)
-    # SPEC §1: rot acts on adjacent pairs even though a pair's two entries carry different angles
+    # method §1: rot acts on adjacent pairs even though a pair's two entries carry different angles
     want = x * cos + torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2) * sin
     torch.testing.assert_close(out, want)
 

@@ -1,5 +1,5 @@
 """Configs: YAML + overrides, every recipe parses and instantiates (meta device for paper sizes),
-learning-rate schedules and AdamW parameter groups of SPEC §3."""
+learning-rate schedules and AdamW parameter groups of method §3."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_paper_sizes_and_hyperparameters():
         3.0,
         0.999,
     )
-    assert (s1.loss.kl, s1.loss.gan, s1.loss.gan_start_epoch, s1.optim.epochs) == (1e-6, 0.1, 100, 200)  # SPEC §3: GAN weight 0.1
+    assert (s1.loss.kl, s1.loss.gan, s1.loss.gan_start_epoch, s1.optim.epochs) == (1e-6, 0.1, 100, 200)  # method §3: GAN weight 0.1
     assert s2.stage == 2 and s2.loss.kl == 0 and s2.loss.semantic == 0 and s2.loss.gan_start_epoch == 0
     assert s2.model.extra["gamma"] == 0.0 and s2.model.extra["mask_ratio"] == 0.0 and s2.optim.warmup_frac == 0.05
     assert lr_for(s2.optim, 1024) == pytest.approx(2e-4) and s2.optim.epochs == 100

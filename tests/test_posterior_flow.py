@@ -169,7 +169,7 @@ def test_golden_flow_zt_bit_exact(kernel_device):
     z, z_t, kl = posterior_flow(
         moments, t, 1.0, noise=(torch.zeros_like(eps), eps), sample_posterior=False, backend="triton"
     )
-    # bit for bit under the interpreter (no FMA contraction); a GPU contracts: SPEC §6's 1e-5
+    # bit for bit under the interpreter (no FMA contraction); a GPU contracts: method §6's 1e-5
     tol = {"rtol": 0, "atol": 0} if kernel_device == "cpu" else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(z_t.cpu(), g["flow_zt"], **tol)
     torch.testing.assert_close(z.cpu(), g["moments"][..., :C], rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""The training recipe as the released checkpoints were trained (SPEC §3–4), one test per point, and
+"""The training recipe as the released checkpoints were trained (method §3–4), one test per point, and
 the public loss composition (rectok_fast.train.losses.TokenizerLoss) term by term."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sampling: SPEC §4 time grid, golden Euler samples (plain, CFG, autoguidance), solver orders on an
+"""Sampling: method §4 time grid, golden Euler samples (plain, CFG, autoguidance), solver orders on an
 analytic Gaussian flow, the Euler–Maruyama SDE's marginals, guidance intervals and argument checks."""
 
 from __future__ import annotations

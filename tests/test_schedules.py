@@ -55,7 +55,7 @@ def test_sample_time_schedules_and_generator():
 
 @pytest.mark.parametrize("s", [0.25, math.sqrt(1 / 8), 1.0])
 def test_training_time_no_shift_is_u(s):
-    """DiT convention (t = 1 data): for s <= 1 there is no shift and t = u itself (SPEC §4)."""
+    """DiT convention (t = 1 data): for s <= 1 there is no shift and t = u itself (method §4)."""
     u = torch.rand(257, generator=torch.Generator().manual_seed(1))
     t = training_time(257, s, generator=torch.Generator().manual_seed(1))
     assert torch.equal(t, u)

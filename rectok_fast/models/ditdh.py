@@ -1,4 +1,4 @@
-"""DiT^DH: a diffusion transformer with a wide DDT head over RecTok latents (SPEC §4).
+"""DiT^DH: a diffusion transformer with a wide DDT head over RecTok latents (method §4).
 
 The module tree and parameter names follow the released checkpoints exactly (``blocks.i`` holds the
 ``depth[0]`` encoder blocks of width ``hidden_size[0]`` followed by the ``depth[1]`` head blocks of
@@ -54,7 +54,7 @@ __all__ = [
     "training_loss",
 ]
 
-# Paper sizes (SPEC §4): (encoder width, head width), (encoder depth, head depth), (encoder heads, head heads).
+# Paper sizes (method §4): (encoder width, head width), (encoder depth, head depth), (encoder heads, head heads).
 DITDH_SIZES: dict[str, dict] = {
     "S": {"hidden_size": (384, 2048), "depth": (12, 2), "num_heads": (6, 16)},
     "B": {"hidden_size": (768, 2048), "depth": (12, 2), "num_heads": (12, 16)},
@@ -179,7 +179,7 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTRoPE(nn.Module):
-    """EVA-style 2D RoPE table (SPEC §4) as the buffers ``freqs_cos`` / ``freqs_sin``, each (N, head_dim)."""
+    """EVA-style 2D RoPE table (method §4) as the buffers ``freqs_cos`` / ``freqs_sin``, each (N, head_dim)."""
 
     def __init__(self, head_dim: int, grid: int):
         super().__init__()
@@ -270,7 +270,7 @@ class PatchEmbed(nn.Module):
 
 
 class DiTDH(nn.Module):
-    """DiT with a DDT head (SPEC §4).  ``forward(x, t, y)``: latents (B, C, g, g), t (B,) with t = 1 the
+    """DiT with a DDT head (method §4).  ``forward(x, t, y)``: latents (B, C, g, g), t (B,) with t = 1 the
     data, labels y (B,) in ``[0, num_classes]`` (``num_classes`` is the null class) → velocity (B, C, g, g).
 
     Build by size with :meth:`from_size` (``"S"``, ``"B"``, ``"L"``, ``"XL"``), from a released
@@ -686,7 +686,7 @@ def training_loss(
     autocast: contextlib.AbstractContextManager | None = None,
     cosine_weight: float = 0.0,
 ) -> torch.Tensor:
-    """One flow-matching training loss (SPEC §4), a 0-dim fp32 tensor.
+    """One flow-matching training loss (method §4), a 0-dim fp32 tensor.
 
     Args:
         model: the :class:`DiTDH` (``model(x, t, y)`` → velocity) being trained, possibly wrapped

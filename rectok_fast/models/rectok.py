@@ -1,4 +1,4 @@
-"""The RecTok tokenizer (SPEC §1–§3) on the fused ops.
+"""The RecTok tokenizer (method §1–§3) on the fused ops.
 
 Module and parameter names follow the released checkpoints (``encoder.*``, ``decoder.*``,
 ``sem_decoders.<teacher>.*``), so :meth:`RecTok.from_official` is a shape inference plus a plain

@@ -1,4 +1,4 @@
-"""Frozen teachers for RecTok's semantic distillation (SPEC §2).
+"""Frozen teachers for RecTok's semantic distillation (method §2).
 
 Every teacher has one interface: ``forward(images) -> (B, N, width)`` with ``images`` (B, 3, H, W)
 in [-1, 1] (the tokenizer's input), ``N = (H/16)²`` patch tokens (CLS and register tokens dropped),

@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the tokenizer and DiT^DH (SPEC §1, §4)."""
+"""Transformer building blocks shared by the tokenizer and DiT^DH (method §1, §4)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """The tokenizer's pre-norm block (SPEC §1): ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+    """The tokenizer's pre-norm block (method §1): ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, backend: str | None = None

@@ -1,9 +1,9 @@
-"""The two 2D RoPE tables of SPEC.md and the adjacent-pair rotation they are applied with.
+"""The two 2D RoPE tables of docs/method.md and the adjacent-pair rotation they are applied with.
 
-* :func:`rectok_rope_table` — the tokenizer's table (SPEC §1): geometric frequencies from 7 down to
+* :func:`rectok_rope_table` — the tokenizer's table (method §1): geometric frequencies from 7 down to
   7e-4 over normalised [0, 1] coordinates, ``F = [f, f]`` (not each frequency repeated), row part in
   the first half of the head dim and column part in the second.
-* :func:`eva_rope_table` — the DiT^DH (EVA-style) table (SPEC §4): ``ω_k = 10000^(-2k/h)``, integer
+* :func:`eva_rope_table` — the DiT^DH (EVA-style) table (method §4): ``ω_k = 10000^(-2k/h)``, integer
   positions, each frequency repeated for an adjacent pair.
 
 Both are applied by :func:`apply_rope`: ``x·cos + rot(x)·sin`` with ``rot(x0, x1) = (-x1, x0)`` on

@@ -1,4 +1,4 @@
-"""Fused DiT velocity flow matching (SPEC §4) with the noise ``x0`` generated in-kernel.
+"""Fused DiT velocity flow matching (method §4) with the noise ``x0`` generated in-kernel.
 
 Chain: :mod:`rectok_fast.kernels.flow_matching` -> launchers -> registered ops
 ``rectok_fast::flow_matching_xt_fwd`` / ``_bwd`` and ``rectok_fast::flow_matching_loss_fwd`` / ``_bwd``

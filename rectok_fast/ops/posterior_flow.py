@@ -1,4 +1,4 @@
-"""Fused posterior sample + forward-flow interpolation + KL (SPEC §2) with in-kernel Philox noise.
+"""Fused posterior sample + forward-flow interpolation + KL (method §2) with in-kernel Philox noise.
 
 Chain: :mod:`rectok_fast.kernels.posterior_flow` (Triton) -> launchers below -> registered ops
 ``rectok_fast::posterior_flow_fwd`` / ``rectok_fast::posterior_flow_bwd`` (fake + autograd) ->
@@ -139,7 +139,7 @@ def _fwd_launch(moments, t, seed, seed_int, eps1, eps2, gamma, sample, offset, r
             num_warps=warps,
             # FMA contraction on (the GPU default): the interpreter never contracts, so the CPU path stays
             # bit-identical to the eager reference given the same noise (the golden ``flow_zt``); GPU
-            # runs agree with it to rounding (SPEC §6: 1e-5).  The noise uses explicit fma and does not
+            # runs agree with it to rounding (method §6: 1e-5).  The noise uses explicit fma and does not
             # depend on this flag.
             enable_fp_fusion=True,
         )

@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of every fused op: the semantics, the test oracle, the eager baseline.
 
-Each function computes exactly what SPEC.md states, in the obvious way.  Every numeric reference
+Each function computes exactly what docs/method.md states, in the obvious way.  Every numeric reference
 takes ``upcast``: ``True`` computes in fp32 (fp64 stays fp64, :mod:`._upcast`) and returns losses in
 fp32 (fp64 for fp64 inputs) and tensors in the input dtype; that is what the tests compare kernels
 against.  The defaults are each op's historical behaviour (the losses upcast, the tensor-valued

@@ -1,4 +1,4 @@
-"""Reference of the cosine alignment loss (the semantic term of RecTok, SPEC §3)."""
+"""Reference of the cosine alignment loss (the semantic term of RecTok, method §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference of the DiT velocity flow matching (SPEC §4): the model input ``x_t`` and the loss."""
+"""Reference of the DiT velocity flow matching (method §4): the model input ``x_t`` and the loss."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _bt(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_xt(x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
-    """``x_t = t·x1 + (1 - t)·x0`` (t = 1 is the data end, SPEC §4); x1, x0: (B, ...), t: (B,).
+    """``x_t = t·x1 + (1 - t)·x0`` (t = 1 is the data end, method §4); x1, x0: (B, ...), t: (B,).
     Returns the dtype of ``x1``."""
     x = up(x1, upcast)
     tt = _bt(t, x)

@@ -1,4 +1,4 @@
-"""Reference of the posterior sample + forward-flow interpolation + KL of SPEC §2 (the oracle only:
+"""Reference of the posterior sample + forward-flow interpolation + KL of method §2 (the oracle only:
 the flow-time schedules are in :mod:`rectok_fast.schedules`)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def posterior_flow(
     sample_posterior: bool = True,
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Posterior sample, flow interpolation and KL of SPEC §2, the obvious way.
+    """Posterior sample, flow interpolation and KL of method §2, the obvious way.
 
     moments: (B, N, 2C) encoder output, ``mean = moments[..., :C]``, ``logvar = moments[..., C:]``
     clamped to [-30, 20] (:func:`clamp_logvar`: the gradient passes where -30 <= logvar <= 20,

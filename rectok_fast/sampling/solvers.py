@@ -1,4 +1,4 @@
-"""Time grid, guidance and the ODE/SDE solvers of SPEC §4.
+"""Time grid, guidance and the ODE/SDE solvers of method §4.
 
 ``sample(model, noise, y, steps)`` integrates ``dx/dt = v(x, t, y)`` from ``t = 0`` (``noise``) to
 ``t = 1`` (data) over ``steps`` updates on the shifted grid of ``steps + 1`` points (the paper's
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from rectok_fast._validate import check_same_device, check_tensor
-from rectok_fast.schedules import time_grid  # the shifted grid of SPEC §4 (re-exported here)
+from rectok_fast.schedules import time_grid  # the shifted grid of method §4 (re-exported here)
 from rectok_fast.utils.modules import unwrap
 
 __all__ = ["METHODS", "guided_velocity", "sample", "time_grid"]

@@ -1,4 +1,4 @@
-"""Train DiT^DH on RecTok latents with flow matching (SPEC §4).
+"""Train DiT^DH on RecTok latents with flow matching (method §4).
 
     python -m rectok_fast.train.dit --config configs/dit/tiny.yaml data.latents=runs/latents --out runs/dit
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \\
@@ -165,7 +165,7 @@ class DiTTrainer(Trainer):
         self.write_checkpoint(lambda: state)  # main rank writes; a failure raises on every rank
 
     def draw_step_randomness(self, G: int) -> dict:
-        """SPEC §4's times (t = 1 data; ``t = u`` when s ≤ 1), x0 (or its seed), the posterior noise
+        """method §4's times (t = 1 data; ``t = u`` when s ≤ 1), x0 (or its seed), the posterior noise
         and the label drop-out, for the whole global batch."""
         dev, g = self.device, self.rand
         C, gr = self.channels, self.grid

@@ -1,4 +1,4 @@
-"""Tokenizer training losses (SPEC §3): :class:`TokenizerLoss`, the stage-1/stage-2 composition the
+"""Tokenizer training losses (method §3): :class:`TokenizerLoss`, the stage-1/stage-2 composition the
 trainer calls, and its parts beyond the fused ops: perceptual (LPIPS-VGG + ConvNeXt-S logits) and a
 PatchGAN discriminator with hinge loss.
 
@@ -154,7 +154,7 @@ class ConvNeXtLogitLoss(nn.Module):
         return super().train(False)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] images -> [0, 1] -> 224 px (bilinear, antialias; SPEC §3) -> ImageNet-normalised -> logits."""
+        """[-1, 1] images -> [0, 1] -> 224 px (bilinear, antialias; method §3) -> ImageNet-normalised -> logits."""
         x = x.float() * 0.5 + 0.5
         if x.shape[-1] != 224 or x.shape[-2] != 224:
             x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
@@ -167,7 +167,7 @@ class ConvNeXtLogitLoss(nn.Module):
 
 
 class PerceptualLoss(nn.Module):
-    """SPEC §3's ``P = (w_lpips·LPIPS + w_cnx·MSE(ConvNeXt logits)) / (w_lpips + w_cnx)``, batch-mean, 0-dim fp32."""
+    """method §3's ``P = (w_lpips·LPIPS + w_cnx·MSE(ConvNeXt logits)) / (w_lpips + w_cnx)``, batch-mean, 0-dim fp32."""
 
     def __init__(
         self,
@@ -255,7 +255,7 @@ class TokenizerLossOutput:
 
 
 class TokenizerLoss(nn.Module):
-    """The RecTok stage-1/stage-2 loss composition of SPEC §3, term by term.
+    """The RecTok stage-1/stage-2 loss composition of method §3, term by term.
 
     ``L = w_l2·MSE(x̂, x) + w_P·P(x̂, x) + w_KL·KL + w_sem·L_sem + w_G·L_G`` with
     ``L_G = −mean D(x̂)`` and the discriminator's ``½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂)))``.

@@ -1,4 +1,4 @@
-"""``rectok-fast stats``: per-channel mean/std of the posterior means over a dataset (SPEC §3), stored
+"""``rectok-fast stats``: per-channel mean/std of the posterior means over a dataset (method §3), stored
 in the tokenizer (``set_latent_stats`` + ``save_pretrained``) and in ``stats.json``.
 
     rectok-fast stats --tokenizer runs/tok --data /data/imagenet/train [--max-images 50000]

@@ -1,4 +1,4 @@
-"""Train the RecTok tokenizer (SPEC §3), stage 1 (everything) or stage 2 (pixel decoder only).
+"""Train the RecTok tokenizer (method §3), stage 1 (everything) or stage 2 (pixel decoder only).
 
     python -m rectok_fast.train.tokenizer --config configs/tokenizer/tiny.yaml --out runs/tok --data embedded
     torchrun --nproc-per-node 8 -m rectok_fast.train.tokenizer --config configs/tokenizer/rectok_bb_stage1.yaml \\

@@ -1,4 +1,4 @@
-"""AdamW parameter groups (SPEC §3: no weight decay on norms, biases, embeddings and tokens) and the
+"""AdamW parameter groups (method §3: no weight decay on norms, biases, embeddings and tokens) and the
 per-step learning-rate schedules (linear warm-up + cosine; DiT's constant-then-linear)."""
 
 from __future__ import annotations
