@@ -23,7 +23,7 @@ def _find_reference_dir():
     """Where the golden tensors of the original implementation live (``shared/reference``).
 
     ``RECTOK_FAST_REFERENCE_DIR`` wins; otherwise ``shared/`` beside the checkout (how CI lays it
-    out), inside it.
+    out) or inside it.
     """
     import os
     from pathlib import Path
