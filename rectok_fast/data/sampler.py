@@ -94,6 +94,33 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _kill_loader_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL the DataLoader workers still alive (a loader an exception left open).
+    multiprocessing would SIGTERM them and join, which these workers ignore."""
+    import multiprocessing
+    import os
+    import signal
+
+    from torch.utils.data._utils.worker import _worker_loop
+
+    for p in multiprocessing.active_children():
+        if p.daemon and getattr(p, "_target", None) is _worker_loop and p.pid:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+_EXIT_HOOK: list = []
+
+
+def _register_exit_hook() -> None:
+    if not _EXIT_HOOK:  # runs in multiprocessing's exit function, before it terminates and joins children
+        from multiprocessing.util import Finalize
+
+        _EXIT_HOOK.append(Finalize(None, _kill_loader_workers_at_exit, exitpriority=100))
+
+
 def build_loader(
     dataset: Dataset,
     micro_batch: int,
@@ -108,6 +135,8 @@ def build_loader(
 ) -> DataLoader:
     """A ``DataLoader`` over :class:`DistributedGlobalBatchSampler`; its own generator keeps the global
     RNG untouched (so model randomness is unaffected by loader restarts)."""
+    if num_workers > 0:
+        _register_exit_hook()
     sampler = DistributedGlobalBatchSampler(
         len(dataset), micro_batch, rank=rank, world=world, accum=accum, shuffle=shuffle, seed=seed
     )
