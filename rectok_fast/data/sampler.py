@@ -96,7 +96,8 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def _kill_loader_workers_at_exit() -> None:
     """At interpreter exit, SIGKILL the DataLoader workers still alive (a loader an exception left open).
-    multiprocessing would SIGTERM them and join, which these workers ignore."""
+    multiprocessing would SIGTERM them and join; the workers keep SIGTERM's default action, but one busy
+    in a long ``__getitem__`` or blocked in a C call would still make the exit wait."""
     import multiprocessing
     import os
     import signal
