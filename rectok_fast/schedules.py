@@ -43,16 +43,32 @@ __all__ = [
 TOKENIZER_SCHEDULES = ("shift", "lognorm", "uniform")
 
 
+def check_shift(op: str, shift) -> float:
+    """``shift`` as a float: a finite real number > 0 (``s·u / (1 + (s − 1)·u)`` leaves [0, 1] otherwise).
+    Raises ``TypeError`` / ``ValueError`` naming ``op``."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+        raise TypeError(f"{op}: `shift` must be a real number, got {type(shift).__name__}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{op}: `shift` must be finite and > 0, got {shift}")
+    return float(shift)
+
+
 def default_shift(grid: int, channels: int) -> float:
-    """``s = sqrt(g·g·C / 4096)``: √8 for a 16×16 grid of 128 channels, √2 for 8×8×128 (both conventions)."""
+    """``s = sqrt(g·g·C / 4096)``: √8 for a 16×16 grid of 128 channels, √2 for 8×8×128 (both conventions).
+    ``grid`` and ``channels`` must be positive integers."""
+    for name, v in (("grid", grid), ("channels", channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"default_shift: `{name}` must be a positive integer, got {v!r}")
     return math.sqrt(grid * grid * channels / 4096)
 
 
 def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
     """``s·u / (1 + (s − 1)·u)``: the resolution-dependent time shift (``s = 1`` is the identity).
 
-    Elementwise on ``u`` (any shape, any float dtype); maps [0, 1] onto [0, 1] monotonically.
+    Elementwise on ``u`` (any shape, any float dtype); maps [0, 1] onto [0, 1] monotonically for a
+    finite ``shift > 0`` (anything else raises).
     """
+    shift = check_shift("shift_time", shift)
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -81,6 +97,7 @@ def sample_time(
             if grid is None or channels is None:
                 raise ValueError("sample_time: schedule='shift' needs `shift` or both `grid` and `channels`")
             shift = default_shift(grid, channels)
+        shift = check_shift("sample_time", shift)
         return shift_time(torch.rand(batch, device=device, generator=generator), shift)
     raise ValueError(f"sample_time: `schedule` must be one of {TOKENIZER_SCHEDULES}, got {schedule!r}")
 
@@ -93,6 +110,7 @@ def training_time(
     ``t = 1 − shift_time(u, s)`` when ``s > 1`` (dense near the noise end ``t = 0``); when ``s ≤ 1``
     there is no shift and ``t = u``.
     """
+    shift = check_shift("training_time", shift)
     u = torch.rand(batch, device=device, generator=generator)
     if shift <= 1.0:
         return u

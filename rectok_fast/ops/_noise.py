@@ -61,16 +61,27 @@ def seed_args(op: str, seed, device: torch.device) -> tuple[torch.Tensor | None,
     raise TypeError(f"{op}: `seed` must be an int or an integer tensor, got {type(seed).__name__}")
 
 
+def check_real(op: str, name: str, value) -> float:
+    """``value`` as a float when it is a real Python number (not a bool, string or tensor); the same
+    rule on every backend.  Raises ``TypeError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: `{name}` must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def default_seed(device: torch.device) -> torch.Tensor:
     """A fresh (1,) int64 seed drawn from torch's default generator on ``device`` (no host sync)."""
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-def reference_generator(seed, device: torch.device) -> torch.Generator | None:
+def reference_generator(seed, device: torch.device, op: str = "noise") -> torch.Generator | None:
     """A ``torch.Generator`` on ``device`` seeded with ``seed`` (the reference path's own stream;
-    a tensor seed is read back to the host here, once per call)."""
+    a tensor seed is read back to the host here, once per call).  ``seed`` is validated exactly as on
+    the fused path (:func:`seed_args`: an int in [-2**63, 2**64) or a one-element integer tensor on
+    ``device``; bools, floats, strings raise naming ``op``)."""
     if seed is None:
         return None
+    seed_args(op, seed, device)
     s = int(seed.reshape(-1)[0].item()) if isinstance(seed, torch.Tensor) else int(seed)
     g = torch.Generator(device=device)
     g.manual_seed(s % 2**64)

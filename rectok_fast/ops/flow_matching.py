@@ -491,8 +491,8 @@ def _per_sample(x: torch.Tensor) -> int:
     return n
 
 
-def _reference_noise(x1: torch.Tensor, seed) -> torch.Tensor:
-    gen = reference_generator(seed, x1.device)
+def _reference_noise(x1: torch.Tensor, seed, op: str) -> torch.Tensor:
+    gen = reference_generator(seed, x1.device, op)
     kw = {} if gen is None else {"generator": gen}  # generator=None rejects symbolic shapes under compile
     return torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, **kw)
 
@@ -537,7 +537,7 @@ def flow_matching_xt(
     chosen = resolve_backend(op, backend, x1, t)
     check_offset_usage(op, sample_offset, noise is not None, chosen)
     if chosen == "reference":
-        x0 = noise if noise is not None else _reference_noise(x1, seed)
+        x0 = noise if noise is not None else _reference_noise(x1, seed, op)
         return _ref_xt(x1, t, x0)
     if noise is not None:
         return _xt_fwd_op(x1, t, None, noise, 0)
@@ -587,7 +587,7 @@ def flow_matching_loss(
     chosen = resolve_backend(op, backend, pred, x1, t)
     check_offset_usage(op, sample_offset, noise is not None, chosen)
     if chosen == "reference":
-        x0 = noise if noise is not None else _reference_noise(x1, seed)
+        x0 = noise if noise is not None else _reference_noise(x1, seed, op)
         return _ref_loss(pred, x1, t, x0, cosine_weight=cosine_weight)
     if noise is not None:
         if cosine_weight:

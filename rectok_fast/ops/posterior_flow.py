@@ -43,6 +43,7 @@ from ._noise import (
     PHILOX_ROUNDS,
     batch_chunks,
     check_offset_usage,
+    check_real,
     check_rounds,
     check_sample_offset,
     default_seed,
@@ -414,6 +415,7 @@ def posterior_flow(
         (B,) fp32.
     """
     _validate(moments, t, noise, seed)
+    gamma = check_real(_OP, "gamma", gamma)
     B, N, C2 = moments.shape
     check_sample_offset(_OP, sample_offset, B)
     rounds = check_rounds(_OP, philox_rounds)
@@ -421,7 +423,7 @@ def posterior_flow(
     chosen = resolve_backend(_OP, backend, moments, t)
     check_offset_usage(_OP, sample_offset, noise is not None, chosen)
     if chosen == "reference":
-        gen = reference_generator(seed, moments.device) if noise is None else None
+        gen = reference_generator(seed, moments.device, _OP) if noise is None else None
         z, zt, kl = _ref_posterior_flow(
             moments, t, gamma, noise=noise, generator=gen, sample_posterior=sample_posterior
         )
