@@ -322,7 +322,12 @@ def test_sigterm_real_process_exits_143_with_one_line(tmp_path, lat):
         ["train-dit", "--config", saved, "--out", ref, "--max-steps", str(step + 2)],
     ):
         run = subprocess.run(
-            [sys.executable, "-m", "rectok_fast.cli", *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+            [sys.executable, "-m", "rectok_fast.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
         )
         assert run.returncode == 0, run.stderr[-3000:]
     _assert_same_training_state(state_of(str(latest)), state_of(os.path.join(ref, "checkpoints", "latest.pt")))
