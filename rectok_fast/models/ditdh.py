@@ -38,6 +38,7 @@ from rectok_fast.nn.rope import eva_rope_table
 from rectok_fast.ops.flow_matching import flow_matching_loss, flow_matching_xt
 from rectok_fast.schedules import default_shift as _default_shift
 from rectok_fast.schedules import training_time  # re-exported: part of the training objective below
+from rectok_fast.utils.checkpoint import save_export
 
 __all__ = [
     "DITDH_SIZES",
@@ -481,13 +482,7 @@ class DiTDH(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump({"model_type": "ditdh", **self.config.to_dict()}, f, indent=2)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        save_export(directory, "ditdh", self.config.to_dict(), self.state_dict(), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(

@@ -49,6 +49,7 @@ from ..ops.patchify import patchify, unpatchify
 from ..ops.posterior_flow import posterior_flow
 from ..ops.tokens import gather_tokens, restore_tokens
 from ..schedules import TOKENIZER_SCHEDULES, default_shift
+from ..utils.checkpoint import save_export
 
 logger = logging.getLogger("rectok_fast")
 
@@ -771,14 +772,7 @@ class RecTok(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (weights + latent statistics) to ``directory``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        cfg = asdict(self.config)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump({"model_type": "rectok", **cfg}, f, indent=2)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, os.path.join(directory, "model.safetensors"))
+        save_export(directory, "rectok", asdict(self.config), self.state_dict())
 
     @classmethod
     def from_pretrained(

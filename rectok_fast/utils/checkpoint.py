@@ -616,6 +616,30 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: str, metadata:
     _atomic_write(path, write, ".safetensors")
 
 
+def save_export(
+    directory: str | os.PathLike,
+    model_type: str,
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """A model export (what ``save_pretrained`` writes): ``directory/config.json`` holding
+    ``{"model_type": model_type, **config}`` and ``directory/model.safetensors``, each written atomically
+    (:func:`export_safetensors`)."""
+    import json
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    text = json.dumps({"model_type": model_type, **config}, indent=2).encode()
+
+    def write(tmp: str) -> None:
+        with os.fdopen(_create(tmp), "wb") as f:
+            f.write(text)
+
+    _atomic_write(os.path.join(directory, "config.json"), write, ".json")
+    export_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata=metadata)
+
+
 # ----------------------------------------------------------------------------- noise-stream record
 
 NOISE_STREAM_KEY = "noise_stream"
