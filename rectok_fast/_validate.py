@@ -12,6 +12,15 @@ import torch
 from ._constants import FLOAT_DTYPES, INDEX_DTYPES  # noqa: F401  (re-exported: defined once there)
 
 
+def check_real(op: str, name: str, value: object) -> float:
+    """``value`` as a float when it is a real Python number (int or float; not a bool, string or
+    tensor) — the same rule on every backend.  Raises ``TypeError`` naming ``name``; range checks are
+    the caller's."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: `{name}` must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_tensor(
     op: str,
     name: str,

@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from ._validate import check_real
+
 __all__ = [
     "TOKENIZER_SCHEDULES",
     "default_shift",
@@ -46,11 +48,10 @@ TOKENIZER_SCHEDULES = ("shift", "lognorm", "uniform")
 def check_shift(op: str, shift) -> float:
     """``shift`` as a float: a finite real number > 0 (``s·u / (1 + (s − 1)·u)`` leaves [0, 1] otherwise).
     Raises ``TypeError`` / ``ValueError`` naming ``op``."""
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
-        raise TypeError(f"{op}: `shift` must be a real number, got {type(shift).__name__}")
+    shift = check_real(op, "shift", shift)
     if not (math.isfinite(shift) and shift > 0):
         raise ValueError(f"{op}: `shift` must be finite and > 0, got {shift}")
-    return float(shift)
+    return shift
 
 
 def default_shift(grid: int, channels: int) -> float:

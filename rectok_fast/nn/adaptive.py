@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import check_real
+
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e8
 
@@ -46,8 +48,7 @@ def adaptive_weight(
         raise TypeError(f"adaptive_weight: `last_layer` must be a torch.Tensor, got {type(last_layer).__name__}")
     if not last_layer.requires_grad:
         raise ValueError("adaptive_weight: `last_layer` must require grad")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"adaptive_weight: `scale` must be a float, got {type(scale).__name__}")
+    check_real("adaptive_weight", "scale", scale)
     g_main = _grad_norm(main_loss, last_layer, "main_loss")
     g_aux = _grad_norm(aux_loss, last_layer, "aux_loss")
     w = torch.clamp(g_main / (g_aux + ADAPTIVE_EPS), 0.0, ADAPTIVE_MAX).detach()

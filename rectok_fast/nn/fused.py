@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .. import ops
 from .._backend import BACKENDS_TRITON, record
+from .._validate import check_real
 from ..ops.flow_matching import velocity_cosine_loss
 from ..schedules import TOKENIZER_SCHEDULES, sample_time
 
@@ -44,9 +45,7 @@ def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...])
 
 def check_float(owner: str, name: str, value: object, *, lo: float | None = None, strict: bool = False) -> float:
     """``value`` as a finite float (``> lo`` when ``strict``, else ``>= lo``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: `{name}` must be a float, got {type(value).__name__}")
-    value = float(value)
+    value = check_real(owner, name, value)
     bad = not math.isfinite(value) or (lo is not None and (value <= lo if strict else value < lo))
     if bad:
         rel = "" if lo is None else (f" and > {lo}" if strict else f" and >= {lo}")

@@ -61,14 +61,6 @@ def seed_args(op: str, seed, device: torch.device) -> tuple[torch.Tensor | None,
     raise TypeError(f"{op}: `seed` must be an int or an integer tensor, got {type(seed).__name__}")
 
 
-def check_real(op: str, name: str, value) -> float:
-    """``value`` as a float when it is a real Python number (not a bool, string or tensor); the same
-    rule on every backend.  Raises ``TypeError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: `{name}` must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def default_seed(device: torch.device) -> torch.Tensor:
     """A fresh (1,) int64 seed drawn from torch's default generator on ``device`` (no host sync)."""
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)

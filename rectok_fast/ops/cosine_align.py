@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._backend import resolve_backend
 from .._constants import FLOAT_DTYPES, KERNEL_DTYPES
-from .._validate import check_same_device, check_shape, check_tensor
+from .._validate import check_real, check_same_device, check_shape, check_tensor
 from ._rowloss import (
     flatten_rows,
     register_row_loss_autograd,
@@ -107,8 +107,7 @@ def cosine_align_loss(
     if mask is not None:
         check_tensor(OP, "mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES)
         check_shape(OP, "mask", mask, tuple(pred.shape[:-1]))
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise TypeError(f"{OP}: `margin` must be a number, got {type(margin).__name__}")
+    check_real(OP, "margin", margin)
     check_same_device(OP, pred=pred, target=target, mask=mask)
     chosen = resolve_backend(OP, backend, pred, target, mask, kernel_dtypes=KERNEL_DTYPES, typed=(pred, target))
     if chosen == "reference":

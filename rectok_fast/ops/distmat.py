@@ -17,7 +17,7 @@ import torch
 from .. import reference
 from .._backend import kernels, resolve_backend, triton_interpret
 from .._constants import FLOAT_DTYPES, KERNEL_DTYPES
-from .._validate import check_same_device, check_tensor
+from .._validate import check_real, check_same_device, check_tensor
 from ._launch import cdiv, next_power_of_2
 
 OP = "distmat_align_loss"
@@ -201,9 +201,7 @@ distmat_align_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def check_margin(op: str, margin: object) -> float:
     """``margin`` as a float; ``TypeError`` unless a real number, ``ValueError`` unless finite and >= 0."""
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise TypeError(f"{op}: `margin` must be a float, got {type(margin).__name__}")
-    margin = float(margin)
+    margin = check_real(op, "margin", margin)
     if not (math.isfinite(margin) and margin >= 0.0):
         raise ValueError(f"{op}: `margin` must be finite and >= 0, got {margin}")
     return margin

@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._backend import kernels, resolve_backend, triton_interpret
 from .._constants import FLOAT_DTYPES, KERNEL_DTYPES
-from .._validate import check_same_device, check_shape, check_tensor
+from .._validate import check_real, check_same_device, check_shape, check_tensor
 from ..reference.posterior_flow import LOGVAR_MAX, LOGVAR_MIN
 from ._launch import cdiv, next_power_of_2
 from ._rowloss import (
@@ -277,8 +277,7 @@ def kl_align_loss(
     if student.dim() < 1 or student.shape[-1] == 0:
         raise ValueError(f"{op}: `student` must have shape (..., D) with D >= 1, got {tuple(student.shape)}")
     check_shape(op, "teacher", teacher, tuple(student.shape))
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{op}: `temperature` must be a number, got {type(temperature).__name__}")
+    check_real(op, "temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{op}: `temperature` must be a finite number > 0, got {temperature!r}")
     if mask is not None:

@@ -35,7 +35,7 @@ import torch
 from .._backend import kernels, resolve_backend
 from .._constants import FLOAT_DTYPES
 from .._moved import moved_names
-from .._validate import check_same_device, check_tensor
+from .._validate import check_real, check_same_device, check_tensor
 from ..reference.posterior_flow import posterior_flow as _ref_posterior_flow
 from ._launch import acc_dtype as _acc
 from ._noise import (
@@ -43,7 +43,6 @@ from ._noise import (
     PHILOX_ROUNDS,
     batch_chunks,
     check_offset_usage,
-    check_real,
     check_rounds,
     check_sample_offset,
     default_seed,
